@@ -1,0 +1,200 @@
+"""Properties of the SEMA formula, the SEMA block and the USEMA networks that users rely on."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from usema.nets import SEMAAttention, SEMABlock, USEMA, build_network, sema_attention
+
+
+def naive_sema(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Reference: explicit loop over origin-tiled windows (partial at the edges), softmax per window, + mean(v)."""
+    batch, heads, *spatial, dim = q.shape
+    out = torch.zeros_like(q)
+    for starts in itertools.product(*(range(0, s, window) for s in spatial)):
+        region = (slice(None), slice(None), *(slice(a, min(a + window, s)) for a, s in zip(starts, spatial)))
+        qw, kw, vw = (t[region].reshape(batch, heads, -1, dim) for t in (q, k, v))
+        attn = torch.softmax(qw @ kw.transpose(-1, -2) / dim**0.5, dim=-1)
+        out[region] = (attn @ vw).reshape(q[region].shape)
+    return out + v.mean(dim=tuple(range(2, v.ndim - 1)), keepdim=True)
+
+
+def qkv(*spatial: int, batch: int = 2, heads: int = 3, dim: int = 8) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(sum(spatial))
+    return [torch.randn(batch, heads, *spatial, dim, generator=gen, dtype=torch.float64) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "spatial",
+    [(9, 11), (14, 21), (3, 4), (7, 7), (1, 13), (5, 6, 9), (2, 3, 4), (8, 7, 13), (7, 7, 7)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_sema_attention_matches_naive_window_loop(spatial):
+    q, k, v = qkv(*spatial)
+    torch.testing.assert_close(sema_attention(q, k, v, 7), naive_sema(q, k, v, 7), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("spatial", [(5, 6), (4, 3, 5)])
+def test_map_inside_one_window_is_full_attention_plus_mean(spatial):
+    q, k, v = qkv(*spatial)
+    flat = [t.flatten(2, -2) for t in (q, k, v)]
+    full = torch.softmax(flat[0] @ flat[1].transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ flat[2]
+    expected = full.reshape(q.shape) + v.mean(dim=tuple(range(2, v.ndim - 1)), keepdim=True)
+    torch.testing.assert_close(sema_attention(q, k, v, 7), expected)
+
+
+def test_padding_never_reaches_real_outputs():
+    """Cropping the map leaves the windows that stay whole unchanged (apart from the mean term):
+    padded positions are masked out of the softmax, so they cannot stand in for the cropped tokens."""
+    q, k, v = qkv(14, 14)
+    crop = [t[:, :, :10, :9] for t in (q, k, v)]
+    full = sema_attention(q, k, v, 7, global_mean=False)
+    cropped = sema_attention(*crop, 7, global_mean=False)
+    torch.testing.assert_close(cropped[:, :, :7, :7], full[:, :, :7, :7])
+    torch.testing.assert_close(cropped, naive_sema(*crop, 7) - crop[2].mean(dim=(2, 3), keepdim=True))
+
+
+@pytest.mark.parametrize("spatial", [(10, 9), (9, 8, 3)])
+def test_mean_term_is_exact_mean_over_real_positions(spatial):
+    q, k, v = qkv(*spatial)
+    diff = sema_attention(q, k, v, 4) - sema_attention(q, k, v, 4, global_mean=False)
+    expected = v.sum(dim=tuple(range(2, v.ndim - 1)), keepdim=True) / torch.tensor(spatial).prod()
+    torch.testing.assert_close(diff, expected.expand_as(diff))
+
+
+def test_sema_attention_flops_grow_linearly_with_tokens():
+    attn = SEMAAttention(64, spatial_dims=2, window_size=7)
+
+    def flops(side_h: int, side_w: int) -> int:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+            attn(torch.randn(1, side_h, side_w, 64))
+        return counter.get_total_flops()
+
+    for h, w in [(56, 56), (112, 112)]:
+        ratio = flops(h, 2 * w) / flops(h, w)
+        assert ratio == pytest.approx(2.0, rel=0.1)
+
+
+def test_sema_block_keeps_shape_2d_and_3d():
+    for dims, shape in [(2, (2, 64, 13, 17)), (3, (1, 32, 5, 9, 8))]:
+        block = SEMABlock(shape[1], spatial_dims=dims, drop_path=0.1)
+        assert block(torch.randn(shape)).shape == shape
+
+
+@pytest.mark.parametrize("dims,size", [(2, (37, 61)), (2, (64, 64)), (3, (19, 27, 22))])
+@pytest.mark.parametrize("placement", ["enc", "bot", "skip", "none"])
+def test_usema_output_shapes_for_any_size(dims, size, placement):
+    net = USEMA(dims, in_channels=2, out_channels=5, preset="tiny", sema_stages=placement)
+    x = torch.randn(1, 2, *size)
+    outputs = net.train()(x)
+    assert isinstance(outputs, list) and outputs[0].shape == (1, 5, *size)
+    for level, out in enumerate(outputs):
+        assert out.shape[2:] == tuple(-(-s // 2**level) for s in size)
+    with torch.no_grad():
+        assert net.eval()(x).shape == (1, 5, *size)
+
+
+def test_no_deep_supervision_returns_a_tensor_in_training():
+    net = USEMA(2, 1, 3, preset="tiny", deep_supervision=False).train()
+    assert net(torch.randn(2, 1, 64, 64)).shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match="64"):
+        net(torch.randn(2, 1, 32, 32))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"sema_stages": "skip"}, {"sema_stages": "bot", "mean_gate": True}])
+def test_gradients_reach_every_parameter(overrides):
+    torch.manual_seed(0)
+    net = USEMA(2, 1, 3, preset="tiny", **overrides).train()
+    outputs = net(torch.randn(2, 1, 64, 64))
+    sum((o.square().mean() for o in outputs), torch.zeros(())).backward()
+    missing = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_global_mean_ablation_removes_the_mean_term():
+    torch.manual_seed(0)
+    with_mean = USEMA(2, 1, 2, preset="tiny")
+    torch.manual_seed(0)
+    without = USEMA(2, 1, 2, preset="tiny", global_mean=False)
+    without.load_state_dict(with_mean.state_dict())
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(with_mean.eval()(x), without.eval()(x))
+
+
+def test_same_seed_same_network_and_outputs():
+    def run() -> torch.Tensor:
+        torch.manual_seed(123)
+        net = USEMA(2, 1, 4, preset="tiny", drop_path=0.2).train()
+        return net(torch.randn(1, 1, 48, 48))[0]
+
+    torch.testing.assert_close(run(), run(), rtol=0, atol=0)
+
+
+def test_bad_options_are_rejected_with_the_name():
+    with pytest.raises(ValueError, match="sema_stage"):
+        USEMA(2, 1, 2, sema_stage="enc")
+    with pytest.raises(ValueError, match="preset"):
+        USEMA(2, 1, 2, preset="huge")
+    with pytest.raises(ValueError, match="sema_stages"):
+        USEMA(2, 1, 2, sema_stages="middle")
+
+
+@pytest.mark.parametrize("dims,size", [(2, (64, 80)), (3, (32, 32, 32))])
+def test_torchscript_trace_round_trip(tmp_path, dims, size):
+    net = USEMA(dims, 1, 3, preset="tiny").eval()
+    x = torch.randn(1, 1, *size)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, x)
+    traced.save(str(tmp_path / "model.ts"))
+    loaded = torch.jit.load(str(tmp_path / "model.ts"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x))
+
+
+def test_torch_export_round_trip(tmp_path):
+    net = USEMA(2, 1, 3, preset="tiny").eval()
+    x = torch.randn(1, 1, 70, 66)
+    program = torch.export.export(net, (x,))
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2").module()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net(x))
+
+
+def test_bf16_autocast_on_cpu():
+    net = USEMA(2, 1, 3, preset="tiny").eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+    with torch.no_grad():
+        ref = net(x)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert (out.float().argmax(1) == ref.argmax(1)).float().mean() > 0.9
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    net = USEMA(2, 1, 3, preset="tiny").eval()
+    x = torch.randn(1, 1, 64, 64)
+    compiled = torch.compile(net)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["usema", "basicunet", "dynunet", "swinunetr", "unetr", "segresnet"])
+def test_factory_builds_every_network_with_one_convention(name):
+    net = build_network(name, 2, 1, 3, preset="tiny", img_size=(64, 64)).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_dynunet_deep_supervision_is_a_list_like_usema():
+    net = build_network("dynunet", 2, 1, 3, deep_supervision=True).train()
+    outputs = net(torch.randn(2, 1, 64, 64))
+    assert isinstance(outputs, list) and len(outputs) == 4 and outputs[0].shape == (2, 3, 64, 64)

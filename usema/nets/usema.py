@@ -1,0 +1,225 @@
+"""USEMA: a residual CNN UNet whose deeper stages carry SEMA blocks (SPEC §4, U-Mamba-style layout)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from usema.nets.sema import SEMABlock
+
+__all__ = ["USEMA", "USEMAConfig", "PRESETS", "SEMA_PLACEMENTS"]
+
+SEMA_PLACEMENTS = ("enc", "bot", "skip", "none")
+
+
+@dataclass(frozen=True)
+class USEMAConfig:
+    """Architecture hyper-parameters; presets fill them, keyword overrides replace single fields."""
+
+    features: tuple[int, ...]
+    """Width of each stage (stage 0 at full resolution); stages 1.. downsample by 2."""
+    encoder_blocks: tuple[int, ...]
+    """Residual conv blocks per encoder stage."""
+    decoder_blocks: int = 1
+    sema_stages: str = "enc"
+    """Where SEMA blocks go: enc (after the conv blocks of the last ``sema_num_stages`` encoder stages),
+    bot (bottleneck only), skip (on the skip features of the deeper stages), none (CNN-only ablation)."""
+    sema_num_stages: int = 3
+    sema_depth: tuple[int, ...] = (1, 1, 1)
+    """SEMA blocks per SEMA stage, shallow to deep, aligned with the deepest stages ("bot" uses the last)."""
+    window_size: int | tuple[int | tuple[int, ...], ...] = 7
+    """Window side: an int for every SEMA stage, or one entry per SEMA stage (shallow to deep; an entry may be a
+    per-axis tuple). Per-stage tuples align with the deepest stages, so "bot" uses the last entry."""
+    head_dim: int = 32
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    global_mean: bool = True
+    mean_gate: bool = False
+    deep_supervision: bool = True
+
+
+def _widths(base: int, maximum: int, stages: int) -> tuple[int, ...]:
+    return tuple(min(base * 2**i, maximum) for i in range(stages))
+
+
+PRESETS: dict[int, dict[str, USEMAConfig]] = {
+    2: {
+        "tiny": USEMAConfig(features=_widths(16, 256, 6), encoder_blocks=(1,) * 6, sema_depth=(1, 1, 1)),
+        "small": USEMAConfig(features=_widths(24, 384, 6), encoder_blocks=(1, 1, 2, 2, 2, 2), sema_depth=(1, 1, 1)),
+        "base": USEMAConfig(features=_widths(32, 512, 6), encoder_blocks=(1,) * 6, sema_depth=(1, 1, 2)),
+    },
+    3: {
+        "tiny": USEMAConfig(features=_widths(16, 256, 5), encoder_blocks=(1,) * 5, sema_depth=(1, 1, 1)),
+        "small": USEMAConfig(features=_widths(24, 320, 6), encoder_blocks=(1,) * 6, sema_depth=(1, 1, 1)),
+        "base": USEMAConfig(features=_widths(32, 320, 6), encoder_blocks=(1, 1, 2, 2, 2, 2), sema_depth=(1, 1, 2)),
+    },
+}
+
+
+def _conv(spatial_dims: int) -> type[nn.Module]:
+    return nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+
+
+def _norm(spatial_dims: int, channels: int) -> nn.Module:
+    return (nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
+
+
+class ResidualConvBlock(nn.Module):
+    """Conv k3 -> IN -> LeakyReLU -> Conv k3 -> IN, plus the input (through a strided 1x1 conv when the shape
+    changes), then LeakyReLU(0.01). (B, C_in, *S) -> (B, C_out, *S / stride)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        conv = _conv(spatial_dims)
+        self.conv1 = conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = _norm(spatial_dims, out_channels)
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = _norm(spatial_dims, out_channels)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = conv(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        return self.act(y + self.shortcut(x))
+
+
+class USEMA(nn.Module):
+    """Hybrid CNN-SEMA UNet for 2D and 3D segmentation.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        out_channels: classes (logits, background included).
+        preset: "tiny" | "small" | "base" (see ``PRESETS`` and docs/models.md for params and GFLOPs).
+        **overrides: any ``USEMAConfig`` field, e.g. ``sema_stages="bot"``, ``global_mean=False``,
+            ``window_size=(8, 7, 7)`` (one per SEMA stage), ``deep_supervision=False``.
+
+    Shapes: input (B, in_channels, *S) with any S; output (B, out_channels, *S). In training mode with
+    deep supervision the output is a list of logits, full resolution first, then 1/2, 1/4, ... of the
+    internally padded size (the input is zero-padded to a multiple of the total stride and cropped back).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        preset: str = "base",
+        **overrides: object,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in PRESETS:
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if preset not in PRESETS[spatial_dims]:
+            raise ValueError(f"preset must be one of {sorted(PRESETS[spatial_dims])}, got {preset!r}")
+        known = {f.name for f in fields(USEMAConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown USEMA option(s) {unknown}; valid: {sorted(known)}")
+        cfg = replace(PRESETS[spatial_dims][preset], **_tuples(overrides))
+        _check(cfg)
+        self.config = cfg
+        self.spatial_dims = spatial_dims
+        feats = cfg.features
+        n = len(feats)
+        self.stride = 2 ** (n - 1)
+        sema_at = _sema_stage_indices(cfg, n)
+        windows = cfg.window_size if isinstance(cfg.window_size, tuple) else (cfg.window_size,) * len(sema_at)
+        sema_kw = dict(
+            spatial_dims=spatial_dims, head_dim=cfg.head_dim, mlp_ratio=cfg.mlp_ratio, drop_path=cfg.drop_path,
+            global_mean=cfg.global_mean, mean_gate=cfg.mean_gate,
+        )
+
+        def sema(stage: int) -> nn.Module:
+            j = sema_at.index(stage) - len(sema_at)  # per-stage settings align with the deepest stages
+            window = windows[j]
+            return nn.Sequential(*(SEMABlock(feats[stage], window_size=window, **sema_kw) for _ in range(cfg.sema_depth[j])))
+
+        self.encoder = nn.ModuleList()
+        for i, (width, blocks) in enumerate(zip(feats, cfg.encoder_blocks)):
+            layers = [ResidualConvBlock(spatial_dims, in_channels if i == 0 else feats[i - 1], width, 1 if i == 0 else 2)]
+            layers += [ResidualConvBlock(spatial_dims, width, width) for _ in range(blocks - 1)]
+            if cfg.sema_stages in ("enc", "bot") and i in sema_at:
+                layers.append(sema(i))
+            self.encoder.append(nn.Sequential(*layers))
+        self.skip_sema = nn.ModuleDict(
+            {str(i): sema(i) for i in sema_at} if cfg.sema_stages == "skip" else {}
+        )
+        conv = _conv(spatial_dims)
+        up = nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
+        self.upsample = nn.ModuleList(up(feats[i + 1], feats[i], 2, stride=2) for i in range(n - 1))
+        # decoder stage: linear 1x1 fusion of [upsampled, skip] (2C -> C), then residual blocks at width C; cheaper
+        # than a 3x3 conv on the 2C concatenation, which dominates the cost at full resolution
+        self.decoder = nn.ModuleList(
+            nn.Sequential(
+                conv(2 * feats[i], feats[i], 1),
+                *(ResidualConvBlock(spatial_dims, feats[i], feats[i]) for _ in range(cfg.decoder_blocks)),
+            )
+            for i in range(n - 1)
+        )
+        # one 1x1 head per decoder stage; only the full-resolution one is used in eval mode
+        heads = n - 1 if cfg.deep_supervision else 1
+        self.heads = nn.ModuleList(conv(feats[i], out_channels, 1) for i in range(heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        size = x.shape[2:]
+        pad = [(-s) % self.stride for s in size]
+        if self.training and min(s + p for s, p in zip(size, pad)) < 2 * self.stride:
+            # instance norm needs more than one voxel per channel at the bottleneck
+            raise ValueError(f"training patches need every side >= {2 * self.stride} for USEMA, got {tuple(size)}")
+        if any(pad):
+            x = F.pad(x, [p for d in reversed(pad) for p in (0, d)])
+        skips = []
+        for i, stage in enumerate(self.encoder):
+            x = stage(x)
+            skips.append(self.skip_sema[str(i)](x) if str(i) in self.skip_sema else x)
+        x = skips.pop()
+        outputs: list[torch.Tensor] = []
+        for i in reversed(range(len(self.decoder))):
+            x = self.decoder[i](torch.cat([self.upsample[i](x), skips[i]], dim=1))
+            if i < len(self.heads) and (i == 0 or self.training):
+                outputs.append(self.heads[i](x))
+        outputs.reverse()  # full resolution first
+        if any(pad):  # crop every output to its share of the unpadded input
+            outputs = [
+                out[(slice(None), slice(None), *(slice(0, -(-s // 2**level)) for s in size))]
+                for level, out in enumerate(outputs)
+            ]
+        return outputs if self.training and self.config.deep_supervision else outputs[0]
+
+
+def _tuples(overrides: dict[str, object]) -> dict[str, object]:
+    """YAML gives lists; the frozen config stores tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+
+
+def _sema_stage_indices(cfg: USEMAConfig, n: int) -> list[int]:
+    if cfg.sema_stages == "none":
+        return []
+    if cfg.sema_stages == "bot":
+        return [n - 1]
+    if cfg.sema_stages == "skip":  # the bottleneck has no skip connection
+        return list(range(max(n - 1 - cfg.sema_num_stages, 0), n - 1))
+    return list(range(max(n - cfg.sema_num_stages, 0), n))
+
+
+def _check(cfg: USEMAConfig) -> None:
+    if cfg.sema_stages not in SEMA_PLACEMENTS:
+        raise ValueError(f"sema_stages must be one of {SEMA_PLACEMENTS}, got {cfg.sema_stages!r}")
+    if len(cfg.encoder_blocks) != len(cfg.features) or min(cfg.encoder_blocks) < 1:
+        raise ValueError(f"encoder_blocks {cfg.encoder_blocks} needs one entry >= 1 per stage of {cfg.features}")
+    if len(cfg.features) < 2:
+        raise ValueError("USEMA needs at least 2 stages")
+    stages = len(_sema_stage_indices(cfg, len(cfg.features)))
+    if len(cfg.sema_depth) < stages:
+        raise ValueError(f"sema_depth {cfg.sema_depth} needs one entry per SEMA stage ({stages})")
+    if isinstance(cfg.window_size, tuple) and len(cfg.window_size) < stages:
+        raise ValueError(f"window_size {cfg.window_size} needs one entry per SEMA stage ({stages})")
+
