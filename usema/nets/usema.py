@@ -25,6 +25,9 @@ class USEMAConfig:
     encoder_blocks: tuple[int, ...]
     """Residual conv blocks per encoder stage."""
     decoder_blocks: int = 1
+    upsample: str = "nearest"
+    """Decoder upsampling: "nearest" (1x1 conv at low resolution, then nearest x2; 8x cheaper than a
+    transposed conv at the same width) or "transpose" (2x2 transposed conv, as nnU-Net)."""
     sema_stages: str = "enc"
     """Where SEMA blocks go: enc (after the conv blocks of the last ``sema_num_stages`` encoder stages),
     bot (bottleneck only), skip (on the skip features of the deeper stages), none (CNN-only ablation)."""
@@ -90,6 +93,14 @@ class ResidualConvBlock(nn.Module):
         return self.act(y + self.shortcut(x))
 
 
+def _upsampler(spatial_dims: int, in_channels: int, out_channels: int, mode: str) -> nn.Module:
+    """x2 upsampling from ``in_channels`` to ``out_channels``."""
+    if mode == "transpose":
+        up = nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
+        return up(in_channels, out_channels, 2, stride=2)
+    return nn.Sequential(_conv(spatial_dims)(in_channels, out_channels, 1), nn.Upsample(scale_factor=2, mode="nearest"))
+
+
 class USEMA(nn.Module):
     """Hybrid CNN-SEMA UNet for 2D and 3D segmentation.
 
@@ -153,8 +164,7 @@ class USEMA(nn.Module):
             {str(i): sema(i) for i in sema_at} if cfg.sema_stages == "skip" else {}
         )
         conv = _conv(spatial_dims)
-        up = nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
-        self.upsample = nn.ModuleList(up(feats[i + 1], feats[i], 2, stride=2) for i in range(n - 1))
+        self.upsample = nn.ModuleList(_upsampler(spatial_dims, feats[i + 1], feats[i], cfg.upsample) for i in range(n - 1))
         # decoder stage: linear 1x1 fusion of [upsampled, skip] (2C -> C), then residual blocks at width C; cheaper
         # than a 3x3 conv on the 2C concatenation, which dominates the cost at full resolution
         self.decoder = nn.ModuleList(
@@ -211,6 +221,8 @@ def _sema_stage_indices(cfg: USEMAConfig, n: int) -> list[int]:
 
 
 def _check(cfg: USEMAConfig) -> None:
+    if cfg.upsample not in ("nearest", "transpose"):
+        raise ValueError(f"upsample must be 'nearest' or 'transpose', got {cfg.upsample!r}")
     if cfg.sema_stages not in SEMA_PLACEMENTS:
         raise ValueError(f"sema_stages must be one of {SEMA_PLACEMENTS}, got {cfg.sema_stages!r}")
     if len(cfg.encoder_blocks) != len(cfg.features) or min(cfg.encoder_blocks) < 1:
