@@ -1,0 +1,130 @@
+"""``usema datasets check ROOT`` and ``usema datasets export-demo {brain,nuclei} --output DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+import tifffile
+
+from usema.data import demos, nnunet
+from usema.errors import UsemaError, atomic_path, atomic_write_text
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``usema datasets`` with its ``check`` and ``export-demo`` actions."""
+    parser = subparsers.add_parser("datasets", help="inspect nnU-Net dataset folders; export the demo data")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    check = actions.add_parser("check", help="report a dataset folder's cases and every problem (exit 2 if any)")
+    check.add_argument("root", help="DatasetXXX_Name folder (relative paths use $nnUNet_raw when set)")
+    check.set_defaults(func=run_check)
+    export = actions.add_parser("export-demo", help="write a demo image and its labels as an nnU-Net style folder")
+    export.add_argument("demo", choices=["brain", "nuclei"])
+    export.add_argument("--output", required=True, help="folder to create (imagesTs/, labelsTs/, dataset.json)")
+    export.add_argument("--target", choices=sorted(demos.NUCLEI_LABELS), default="binary",
+                        help="nuclei label classes (default: binary)")
+    export.add_argument("--overwrite", action="store_true", help="replace files already in --output")
+    export.set_defaults(func=run_export)
+
+
+def _range(values: list) -> str:
+    if not values:
+        return "-"
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo} .. {hi}"
+
+
+def format_report(ds: nnunet.NnunetDataset, summaries: list[nnunet.CaseSummary]) -> str:
+    """Human-readable summary of a checked dataset (what ``usema datasets check`` prints)."""
+    train = {c.name for c in ds.train}
+    decoded = [s for s in summaries if s.name in train]
+    dims = sorted({len(s.shape) for s in summaries})
+    lines = [
+        f"dataset: {ds.root}",
+        f"channels: {', '.join(f'{k}={v}' for k, v in ds.channel_names.items())}",
+        f"labels: {', '.join(f'{k}={v}' for k, v in ds.labels.items())}",
+        f"training cases: {len(ds.train)} usable of {ds.listed} (numTraining {ds.num_training}); "
+        f"test cases: {len(ds.test)}; file ending {ds.file_ending}",
+        f"image dims: {'/'.join(f'{d}D' for d in dims) or '-'}",
+    ]
+    for axis in range(max(dims, default=0)):
+        sizes = [s.shape[axis] for s in summaries if len(s.shape) > axis]
+        spacings = [round(s.spacing[axis], 3) for s in summaries if len(s.spacing) > axis]
+        median = f"{np.median(spacings):g}"
+        lines.append(f"  axis {axis}: size {_range(sizes)}, spacing {_range(spacings)} (median {median})")
+    present = sorted({v for s in decoded for v in s.label_values})
+    lines.append(f"label values present in labelsTr: {present}")
+    if ds.problems:
+        lines.append(f"problems ({len(ds.problems)}):")
+        lines += [f"  - {p}" for p in ds.problems]
+    else:
+        lines.append("no problems found")
+    return "\n".join(lines)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    ds, summaries = nnunet.check_dataset(args.root)
+    print(format_report(ds, summaries))
+    return 2 if ds.problems else 0
+
+
+def _write(path: Path, write: Callable[[Path], object]) -> None:
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise UsemaError(f"{existing[0]}: already exists; pass --overwrite to replace it")
+
+
+def _dataset_json(channel: str, labels: dict[int, str], ending: str) -> str:
+    meta = {
+        "channel_names": {"0": channel},
+        "labels": {name: value for value, name in labels.items()},
+        "numTraining": 0,
+        "file_ending": ending,
+    }
+    return json.dumps(meta, indent=2) + "\n"
+
+
+def export_brain(output: Path, overwrite: bool = False) -> list[Path]:
+    """Write the MNI152 T1 (float32) and its tissue labels as NIfTI with the template's affine."""
+    demo = demos.load_brain()
+    image, label = output / "imagesTs" / "mni152_0000.nii.gz", output / "labelsTs" / "mni152.nii.gz"
+    meta = output / "dataset.json"
+    _refuse_existing([image, label, meta], overwrite)
+    _write(image, lambda p: nib.save(nib.Nifti1Image(demo.t1, demo.affine), str(p)))
+    _write(label, lambda p: nib.save(nib.Nifti1Image(demo.label, demo.affine), str(p)))
+    atomic_write_text(meta, _dataset_json("T1", demos.BRAIN_LABELS, ".nii.gz"))
+    return [image, label, meta]
+
+
+def export_nuclei(output: Path, target: str = "binary", overwrite: bool = False) -> list[Path]:
+    """Write the nuclei image (uint16 TIFF, as shipped) and its ``target`` class labels (uint8 TIFF)."""
+    files = demos.nuclei_files()
+    raw, instances = tifffile.imread(files["image"]), tifffile.imread(files["mask"])
+    image, label = output / "imagesTs" / "nuclei_0000.tif", output / "labelsTs" / "nuclei.tif"
+    meta = output / "dataset.json"
+    _refuse_existing([image, label, meta], overwrite)
+    _write(image, lambda p: tifffile.imwrite(p, raw))
+    _write(label, lambda p: tifffile.imwrite(p, demos.instance_to_semantic(instances, target)))
+    atomic_write_text(meta, _dataset_json("fluorescence", demos.NUCLEI_LABELS[target], ".tif"))
+    return [image, label, meta]
+
+
+def run_export(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if args.demo == "brain":
+        written = export_brain(output, args.overwrite)
+    else:
+        written = export_nuclei(output, args.target, args.overwrite)
+    for path in written:
+        print(path)
+    return 0
