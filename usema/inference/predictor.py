@@ -21,12 +21,21 @@ def make_inferer(
     sw_batch_size: int = 4,
     mode: str = "gaussian",
     device: torch.device | str | None = None,
+    sw_device: torch.device | str | None = None,
 ) -> Inferer:
     """Inferer for an image with ``image_spatial_dims`` spatial axes and a network with ``net_spatial_dims``.
 
-    ``device`` is where the stitched output lives (``"cpu"`` bounds GPU memory on large volumes).
+    ``device`` is where the stitched output lives (``"cpu"`` bounds GPU memory on large volumes);
+    ``sw_device`` is where the windows run (default: the input's device).
     """
-    kwargs = dict(roi_size=list(roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, device=device)
+    kwargs = dict(
+        roi_size=list(roi_size),
+        sw_batch_size=sw_batch_size,
+        overlap=overlap,
+        mode=mode,
+        device=device,
+        sw_device=sw_device,
+    )
     if net_spatial_dims == image_spatial_dims:
         return SlidingWindowInferer(**kwargs)
     if net_spatial_dims == 2 and image_spatial_dims == 3:

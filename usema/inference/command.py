@@ -1,0 +1,60 @@
+"""`usema infer MODEL --input FILE_OR_DIR --output DIR`: segment images with a trained model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _overlap(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected 0 <= overlap < 1, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "infer",
+        help="segment NIfTI / NRRD / MHA volumes or PNG / TIFF images with a trained model",
+        description=(
+            "Segment every case of --input with MODEL (a run directory, a checkpoint or an exported bundle). "
+            "Outputs keep the input's grid exactly and are named CASE<suffix> (nnU-Net channel postfix removed)."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="run directory, checkpoint file (.pt) or bundle directory")
+    parser.add_argument("--input", "-i", required=True, help="an image file or a directory of cases")
+    parser.add_argument("--output", "-o", required=True, help="output directory for the label maps")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--overlap", type=_overlap, default=None, help="sliding-window overlap (default: recipe's)")
+    parser.add_argument("--sw-batch-size", type=_positive_int, default=None, help="windows per forward pass")
+    parser.add_argument("--tta", action="store_true", help="average predictions over in-plane mirrorings")
+    parser.add_argument(
+        "--save-probabilities", action="store_true", help="also write softmax probabilities as CASE_prob (channel last)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing results in --output")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from usema.inference.pipeline import InferenceOptions, run_inference  # noqa: PLC0415 - heavy imports
+
+    options = InferenceOptions(
+        device=args.device,
+        overlap=args.overlap,
+        sw_batch_size=args.sw_batch_size,
+        tta=args.tta,
+        save_probabilities=args.save_probabilities,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    summary = run_inference(args.model, args.input, args.output, options)
+    print(f"usema infer: {summary.line()} -> {args.output}")
+    return 0

@@ -1,0 +1,238 @@
+"""`usema infer` end to end: find cases, preprocess as in training, predict, write on the input's grid.
+
+One case is held in memory at a time; windows run on the chosen device while the stitched logits stay on the
+CPU, so GPU memory does not grow with the volume, and a 2D network segments a volume in blocks of slices, so
+CPU memory does not grow with the number of classes. Every output is written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from usema.data.preprocess import normalize
+from usema.errors import UsemaError
+from usema.inference.image_io import (
+    Case,
+    find_cases,
+    label_dtype,
+    probability_path,
+    read_image,
+    write_label,
+    write_probabilities,
+)
+from usema.inference.model_loading import LoadedModel, load_model
+from usema.inference.predictor import make_inferer, predict_logits
+
+# stitched logits held at once when a 2D network segments a volume block of slices by block of slices
+LOGITS_BUDGET_BYTES = 64 * 2**20
+
+
+@dataclass
+class InferenceOptions:
+    """User choices on top of the recipe's; None means "as in the recipe"."""
+
+    device: str = "cpu"
+    overlap: float | None = None
+    sw_batch_size: int | None = None
+    tta: bool = False
+    save_probabilities: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class InferenceSummary:
+    """What a run did: cases and voxels segmented, seconds after the model was loaded, files written."""
+
+    cases: int
+    voxels: int
+    seconds: float
+    outputs: list[Path]
+
+    def line(self) -> str:
+        """One human-readable summary line with the throughput."""
+        secs = max(self.seconds, 1e-9)
+        return (
+            f"{self.cases} case(s), {self.voxels} voxels in {self.seconds:.1f} s "
+            f"({self.cases / secs:.3f} cases/s, {self.voxels / secs:.3g} voxels/s)"
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu`` or ``cuda`` (a clear error when CUDA was asked for and is absent)."""
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsemaError(f"--device: expected cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsemaError("--device: cuda was requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def preprocess(image: np.ndarray, model: LoadedModel, name: str = "image") -> torch.Tensor:
+    """Normalise ``image`` (C, *spatial) exactly as in training; returns (1, C, *spatial) float32 on the CPU.
+
+    ``name`` (the case's file) is what errors name.
+    """
+    normalized = normalize(image, model.settings.normalization, model.norm_stats, name=name)
+    return torch.from_numpy(np.ascontiguousarray(normalized, dtype=np.float32))[None]
+
+
+def check_image(image: np.ndarray, path: Path, model: LoadedModel) -> None:
+    """The image must have the model's channel count and a grid the network can slide over."""
+    if image.shape[0] != model.in_channels:
+        raise UsemaError(
+            f"{path}: expected {model.in_channels} channel(s) for this model, got {image.shape[0]} "
+            "(multi-channel cases are CASE_0000, CASE_0001, ... files)"
+        )
+    image_dims, net_dims = image.ndim - 1, int(model.network_args["spatial_dims"])
+    if net_dims == 2 and image_dims == 3 and model.settings.slice_axis is None:
+        raise UsemaError(f"{model.source}: recipe key data.slice_axis is needed to run a 2D model on {path}")
+    if net_dims > image_dims:
+        raise UsemaError(f"{path}: expected a {net_dims}D image for this {net_dims}D model, got a {image_dims}D one")
+
+
+def _logits(
+    model: LoadedModel, normalized: torch.Tensor, options: InferenceOptions, device: torch.device
+) -> torch.Tensor:
+    """Class logits (K, *spatial) float32 on the CPU for a normalised image (1, C, *spatial)."""
+    settings = model.settings
+    inferer = make_inferer(
+        roi_size=settings.roi_size,
+        image_spatial_dims=normalized.ndim - 2,
+        net_spatial_dims=int(model.network_args["spatial_dims"]),
+        slice_axis=settings.slice_axis,
+        overlap=settings.overlap if options.overlap is None else options.overlap,
+        sw_batch_size=settings.sw_batch_size if options.sw_batch_size is None else options.sw_batch_size,
+        device="cpu",
+        sw_device=device,
+    )
+    return predict_logits(model.network, normalized, inferer, tta=options.tta)[0].float()
+
+
+@torch.no_grad()
+def predict_case(
+    model: LoadedModel,
+    image: np.ndarray,
+    options: InferenceOptions,
+    device: torch.device,
+    name: str = "image",
+) -> torch.Tensor:
+    """Class logits (K, *spatial) float32 on the CPU for a raw image (C, *spatial) named ``name`` in errors."""
+    return _logits(model, preprocess(image, model, name), options, device)
+
+
+def slice_chunks(model: LoadedModel, spatial: tuple[int, ...]) -> tuple[int, list[slice]]:
+    """(axis, chunks) to predict separately: blocks of whole slices for a 2D network on a volume, else one chunk.
+
+    Slices are predicted independently (windows never span two slices), so blocks give the same logits as the
+    whole volume while holding at most ``LOGITS_BUDGET_BYTES`` of logits at a time.
+    """
+    if not (int(model.network_args["spatial_dims"]) == 2 and len(spatial) == 3):
+        return 0, [slice(None)]
+    axis = int(model.settings.slice_axis)
+    slice_bytes = 4 * model.num_classes * int(np.prod(spatial)) // spatial[axis]
+    step = max(1, LOGITS_BUDGET_BYTES // slice_bytes)
+    return axis, [slice(i, min(i + step, spatial[axis])) for i in range(0, spatial[axis], step)]
+
+
+@torch.no_grad()
+def segment_case(
+    model: LoadedModel,
+    image: np.ndarray,
+    options: InferenceOptions,
+    device: torch.device,
+    name: str = "image",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Labels (*spatial) and, with ``options.save_probabilities``, softmax probabilities (K, *spatial) float32.
+
+    The image (C, *spatial) is normalised whole (per-image statistics), then predicted in ``slice_chunks``.
+    """
+    normalized = preprocess(image, model, name)
+    spatial = tuple(image.shape[1:])
+    labels = np.empty(spatial, dtype=label_dtype(model.num_classes))
+    probs = np.empty((model.num_classes, *spatial), np.float32) if options.save_probabilities else None
+    axis, chunks = slice_chunks(model, spatial)
+    for chunk in chunks:
+        index = tuple(chunk if a == axis else slice(None) for a in range(len(spatial)))
+        logits = _logits(model, normalized[(slice(None), slice(None), *index)].contiguous(), options, device)
+        labels[index] = logits.argmax(dim=0).numpy()
+        if probs is not None:
+            probs[(slice(None), *index)] = torch.softmax(logits, dim=0).numpy()
+    return labels, probs
+
+
+def output_path(case: Case, output_dir: Path) -> Path:
+    """``OUTPUT/CASE<suffix>``: the case name without channel postfix, in the input's format."""
+    return output_dir / f"{case.name}{case.suffix}"
+
+
+def _refuse_existing_outputs(cases: list[Case], output_dir: Path, options: InferenceOptions) -> None:
+    """Check every file this run will write: never an input, and no existing result without --overwrite."""
+    inputs = {p.resolve() for case in cases for p in case.paths}
+    planned = []
+    for case in cases:
+        label = output_path(case, output_dir)
+        planned.append(label)
+        if options.save_probabilities:
+            planned.append(probability_path(label, case.suffix))
+    for path in planned:
+        if path.resolve() in inputs:
+            raise UsemaError(f"{path}: the output would replace an input image; choose another --output")
+        if path.exists() and not options.overwrite:
+            raise UsemaError(f"{path}: exists; refusing to overwrite results (pass --overwrite)")
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsemaError(f"{output_dir}: expected an output directory, found a file")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsemaError(f"{output_dir}: cannot create the output directory ({exc.strerror})") from exc
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise UsemaError(f"{output_dir}: output directory is not writable")
+
+
+def infer_case(
+    model: LoadedModel, case: Case, output_dir: Path, options: InferenceOptions, device: torch.device
+) -> int:
+    """Segment one case and write its label map (and probabilities); returns its voxel count."""
+    image, geometry = read_image(case.paths)
+    check_image(image, case.paths[0], model)
+    labels, probs = segment_case(model, image, options, device, name=str(case.paths[0]))
+    label_file = output_path(case, output_dir)
+    if probs is not None:
+        write_probabilities(probability_path(label_file, case.suffix), probs, geometry)
+    write_label(label_file, labels, geometry)
+    return int(labels.size)
+
+
+def run_inference(
+    model: str | Path | LoadedModel,
+    input_path: str | Path,
+    output_dir: str | Path,
+    options: InferenceOptions | None = None,
+) -> InferenceSummary:
+    """Segment every case under ``input_path`` into ``output_dir`` with MODEL (path or already loaded)."""
+    options = options or InferenceOptions()
+    device = resolve_device(options.device)
+    output_dir = Path(output_dir)
+    cases = find_cases(input_path)
+    _refuse_existing_outputs(cases, output_dir, options)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    _check_output_dir(output_dir)
+    loaded.network.to(device)  # a model loaded earlier may live elsewhere
+    start, voxels, outputs = time.perf_counter(), 0, []
+    bar = tqdm(cases, unit="case", file=sys.stderr, disable=not options.progress, dynamic_ncols=True)
+    for case in bar:
+        bar.set_postfix_str(case.name)
+        voxels += infer_case(loaded, case, output_dir, options, device)
+        outputs.append(output_path(case, output_dir))
+    return InferenceSummary(len(cases), voxels, time.perf_counter() - start, outputs)

@@ -1,0 +1,169 @@
+"""``usema train RECIPE [--output DIR] [--set KEY=VALUE ...] [--resume] [--device cpu|cuda] [--overwrite]``.
+
+Also runs under ``torchrun --nproc_per_node N -m usema train RECIPE`` (DistributedDataParallel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from usema.errors import UsemaError, atomic_write_text
+
+if TYPE_CHECKING:
+    from usema.training.distributed import DistContext
+
+# torch-importing modules are imported inside the functions so that `usema --help` stays fast
+LAST, BEST = "last.pt", "best.pt"
+
+# what a training run writes into its directory (--overwrite removes exactly these)
+RUN_OUTPUTS = ("recipe.yaml", "metrics.csv", "checkpoints", "plots", "tb")
+# recipe keys that may differ on --resume: they change speed or memory, never the numbers
+RESUME_FREE_KEYS = {"data.num_workers", "data.cache", "output.dir", "val.sw_batch_size"}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a segmentation network from a YAML recipe",
+        description="Train from a YAML recipe. The run directory (default runs/<name>) receives recipe.yaml, "
+        "checkpoints/last.pt and best.pt, metrics.csv, plots/ and tb/ (tensorboard). "
+        "Multi-GPU: torchrun --nproc_per_node N -m usema train RECIPE.",
+    )
+    parser.add_argument(
+        "recipe", metavar="RECIPE", help="recipe YAML file, or a packaged recipe name such as demo_brain"
+    )
+    parser.add_argument("--output", "-o", metavar="DIR", help="run directory (default: output.dir or runs/<name>)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a recipe key by dotted path, e.g. --set train.epochs=2 (repeatable)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the run in the run directory from last.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in the run directory")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from usema.config import load_recipe  # noqa: PLC0415
+    from usema.training.distributed import setup_distributed, teardown_distributed  # noqa: PLC0415
+
+    if args.resume and args.overwrite:
+        raise UsemaError("--resume and --overwrite: choose one (continue the run, or replace it)")
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_dir = Path(args.output) if args.output else recipe.output_dir
+    ctx = setup_distributed(args.device)
+    try:
+        train(recipe, run_dir, ctx, resume=args.resume, overwrite=args.overwrite)
+    finally:
+        teardown_distributed(ctx)
+    return 0
+
+
+def has_run(run_dir: Path) -> bool:
+    """True when ``run_dir`` already holds (part of) a training run."""
+    return (run_dir / "recipe.yaml").exists() or (run_dir / "checkpoints" / LAST).exists()
+
+
+def prepare_run_dir(run_dir: Path, ctx: DistContext, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Apply the refuse / resume / overwrite rules; returns the checkpoint to resume from, or None."""
+    from usema.training.checkpoint import load_checkpoint  # noqa: PLC0415
+    from usema.training.distributed import barrier  # noqa: PLC0415
+
+    last = run_dir / "checkpoints" / LAST
+    if resume:
+        if not run_dir.is_dir():
+            raise UsemaError(f"{run_dir}: --resume: no such run directory")
+        if ctx.is_main:
+            _remove_stale_temporaries(last.parent)
+        barrier(ctx)
+        if last.is_file():
+            return load_checkpoint(last)
+        if ctx.is_main:
+            print(f"usema: {last} does not exist yet; starting the run from the beginning", flush=True)
+        return None
+    if has_run(run_dir) and not overwrite:
+        raise UsemaError(
+            f"{run_dir}: already holds a training run; pass --resume to continue it or --overwrite to replace it"
+        )
+    _ensure_writable(run_dir)
+    if overwrite and ctx.is_main:
+        for name in RUN_OUTPUTS:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    barrier(ctx)
+    return None
+
+
+def _ensure_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` now, so that an unusable output path fails before any data is loaded."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsemaError(f"{run_dir}: cannot create the run directory ({exc.strerror or exc})") from exc
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise UsemaError(f"{run_dir}: the run directory is not writable")
+
+
+def _remove_stale_temporaries(checkpoint_dir: Path) -> None:
+    """Delete half-written checkpoint files a SIGKILL left behind (``atomic_path`` names them .NAME.*.tmp.pt)."""
+    for name in (LAST, BEST):
+        stem = name.removesuffix(".pt")
+        for tmp in checkpoint_dir.glob(f".{stem}.*.tmp.pt"):
+            tmp.unlink(missing_ok=True)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_recipe(stored: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
+    """A resumed run must use the recipe it started with (up to keys that cannot change results)."""
+    old, new = _flatten(stored), _flatten(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUME_FREE_KEYS)
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
+        raise UsemaError(f"{checkpoint}: --resume with a different recipe ({details}); use the run's recipe.yaml")
+
+
+def _prepare_data(recipe: Any, run_dir: Path, ctx: DistContext) -> Any:
+    """Rank 0 prepares first (it may compute and cache normalisation statistics), then the others."""
+    from usema.data import prepare_data  # noqa: PLC0415
+    from usema.training.distributed import barrier  # noqa: PLC0415
+
+    data = prepare_data(recipe, run_dir) if ctx.is_main else None
+    barrier(ctx)
+    return data if ctx.is_main else prepare_data(recipe, run_dir)
+
+
+def train(recipe: Any, run_dir: Path, ctx: DistContext, resume: bool = False, overwrite: bool = False) -> Any:
+    """Train ``recipe`` into ``run_dir`` (fresh, resumed or overwritten); returns the final TrainState."""
+    from usema.config import dump_recipe, recipe_to_dict  # noqa: PLC0415
+    from usema.training.trainer import Trainer  # noqa: PLC0415
+
+    run_dir = Path(run_dir)
+    ckpt = prepare_run_dir(run_dir, ctx, resume, overwrite)
+    recipe_dict = recipe_to_dict(recipe)
+    if ckpt is not None:
+        check_resume_recipe(ckpt["recipe"], recipe_dict, run_dir / "checkpoints" / LAST)
+        recipe_dict = ckpt["recipe"]
+    data = _prepare_data(recipe, run_dir, ctx)
+    if ctx.is_main and ckpt is None:
+        atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    trainer = Trainer(recipe, recipe_dict, data, run_dir, ctx)
+    if ckpt is not None:
+        trainer.load_state_dict(ckpt)
+    state = trainer.fit()
+    if ctx.is_main:
+        best = "-" if state.best_metric is None else f"{state.best_metric:.4f}"
+        print(f"usema: training finished in {run_dir} (best mean Dice {best})", flush=True)
+    return state
