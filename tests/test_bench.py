@@ -97,6 +97,7 @@ def test_memory_probe_sees_forward_allocations() -> None:
         (["--nets", "unetr", "--sizes", "72"], "--sizes"),
         (["--nets", "dynunet", "dynunet"], "--nets"),
         (["--sizes", "32"], "--sizes"),
+        (["--output", "/proc/usema/bench.md"], "/proc/usema"),
     ],
 )
 def test_bad_options_are_user_errors(argv: list[str], key: str, capsys: pytest.CaptureFixture[str]) -> None:

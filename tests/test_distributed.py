@@ -3,29 +3,59 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = pytest.mark.slow
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+TRAIN = [
+    "-m", "usema", "train", "demo_nuclei", "--device", "cpu",
+    "--set", "train.epochs=2", "--set", "train.iterations_per_epoch=3", "--set", "train.batch_size=2",
+    "--set", "train.checkpoint_every=1", "--set", "data.patch_size=[64,64]", "--set", "data.num_workers=0",
+    "--set", "model.preset=tiny", "--set", "val.roi_size=[128,128]", "--set", "val.overlap=0",
+]
+TIMEOUT_S = 300
 
-def test_two_cpu_processes_train_with_gloo_and_rank0_writes_once(tmp_path):
-    run_dir = tmp_path / "ddp"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "usema", "train", "demo_nuclei", "--output", str(run_dir), "--device", "cpu",
-        "--set", "train.epochs=2", "--set", "train.iterations_per_epoch=2", "--set", "train.batch_size=2",
-        "--set", "train.checkpoint_every=1", "--set", "data.patch_size=[64,64]", "--set", "data.num_workers=0",
-        "--set", "model.preset=tiny", "--set", "val.roi_size=[128,128]", "--set", "val.overlap=0",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+def _torchrun(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*TORCHRUN, *TRAIN, "--output", str(run_dir), *extra], capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun's workers), from /proc/<pid>/task/*/children."""
+    found, stack = [], [pid]
+    while stack:
+        for task in Path(f"/proc/{stack.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            stack += children
+    return found
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    return run_dir, _torchrun(run_dir).stdout
+
+
+def test_two_cpu_processes_train_with_gloo_and_rank0_writes_once(uninterrupted):
+    run_dir, stdout = uninterrupted
     # only rank 0 reports: one summary line per epoch, one tensorboard file, no stray checkpoint files
-    assert proc.stdout.count("epoch 1/2") == 1 and proc.stdout.count("epoch 2/2") == 1
+    assert stdout.count("epoch 1/2") == 1 and stdout.count("epoch 2/2") == 1
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
 
@@ -38,3 +68,33 @@ def test_two_cpu_processes_train_with_gloo_and_rank0_writes_once(tmp_path):
         rows = list(csv.DictReader(fh))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert all(0.0 <= float(r["mean_dice"]) <= 1.0 for r in rows)
+
+
+def test_killed_ddp_run_resumes_to_the_same_weights(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.pt"
+    proc = subprocess.Popen([*TORCHRUN, *TRAIN, "--output", str(run_dir)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not last.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.01)
+    for pid in [*_descendants(proc.pid), proc.pid]:  # the workers first: killing torchrun alone orphans them
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    assert torch.load(last, weights_only=True)["step"] < 6
+
+    _torchrun(run_dir, "--resume")
+    expected = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)["model"]
+    got = torch.load(last, weights_only=True)["model"]
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert _metrics_without_seconds(run_dir) == _metrics_without_seconds(reference)
+
+
+def _metrics_without_seconds(run_dir: Path) -> list[list[str]]:
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        return [row[:-1] for row in csv.reader(fh)]

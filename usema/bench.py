@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from usema.errors import UsemaError, atomic_write_text
+from usema.errors import UsemaError, atomic_write_text, ensure_writable_dir
 
 __all__ = [
     "BenchConfig",
@@ -492,6 +492,7 @@ def _outputs(path: str | None, overwrite: bool) -> tuple[Path, Path] | None:
     md = Path(path)
     if md.suffix != ".md":
         raise UsemaError(f"--output: a .md file expected, got {path}")
+    ensure_writable_dir(md.parent, "--output directory")  # fail now, not after the measurements
     js = md.with_suffix(".json")
     existing = [str(p) for p in (md, js) if p.exists()]
     if existing and not overwrite:

@@ -11,7 +11,7 @@ import importlib
 import sys
 import traceback
 
-from usema.errors import UsemaError
+from usema.errors import UsemaError, os_reason
 
 # module path of each sub-command; imported lazily so `usema --help` stays fast
 COMMAND_MODULES = (
@@ -55,10 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("usema: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system refused (missing folder, permission, disk full): name the file
+        if debug:
+            traceback.print_exc()
+        where = exc.filename if exc.filename is not None else "file system"
+        print(f"usema: error: {where}: {os_reason(exc)} (expected a readable input and a writable output)",
+              file=sys.stderr)
+        return 2
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line unless --debug
         if debug:
             raise
-        print(f"usema: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        reason = " ".join(str(exc).split())
+        print(f"usema: error: {type(exc).__name__}: {reason} (run with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -29,7 +29,7 @@ import torch
 
 import usema
 from usema.data.preprocess import STD_FLOOR
-from usema.errors import UsemaError
+from usema.errors import UsemaError, ensure_writable_dir, os_reason
 from usema.inference.model_loading import BUNDLE_USEMA_ARGS, LoadedModel, load_model
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
@@ -62,6 +62,8 @@ ALLOWED_EXPRESSIONS = (
     "$@checkpointloader(@evaluator)",
     "$@evaluator.run()",
 )
+# leading characters MONAI's ConfigParser interprets: expression, macro, reference
+CONFIG_SYNTAX_PREFIXES = ("$", "%", "@")
 LICENSE_TEXT = """Copyright (c) {authors}
 
 Licensed under the Apache License, Version 2.0 (the "License"); you may not use the files of this bundle
@@ -459,11 +461,27 @@ def _input_note(input_format: str, channels: int) -> str:
     return f"NIfTI volumes with {channels} channels as nnU-Net files `CASE_0000.nii.gz`, `CASE_0001.nii.gz`, ..."
 
 
+def check_plain_names(model: LoadedModel, run_name: str) -> None:
+    """Class and run names are copied into the bundle's configs as data: refuse any that MONAI would parse.
+
+    MONAI's ConfigParser runs strings starting with ``$``, reads the file a ``%`` macro names and resolves
+    ``@`` references, also in metadata.json (``ckpt_export`` and ``run`` load it).
+    """
+    names = {f"labels.{k}": v for k, v in model.labels.items()} | {"name": run_name}
+    for key, text in names.items():
+        if text.startswith(CONFIG_SYNTAX_PREFIXES):
+            raise UsemaError(
+                f"{model.source}: {key}: expected a plain name, got {text!r} "
+                "(MONAI bundle configs treat text starting with $, % or @ as code, file macro or reference)"
+            )
+
+
 def _check_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise UsemaError(f"{output}: expected a bundle directory, found a file")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise UsemaError(f"{output}: exists and is not empty; refusing to overwrite (pass --overwrite)")
+    ensure_writable_dir(output.parent, "folder for the bundle")
 
 
 def _replace_dir(built: Path, output: Path) -> None:
@@ -494,7 +512,7 @@ def export_bundle(
     model = load_model(run, "cpu")
     input_format = input_format or detect_input_format(model.recipe)
     run_name = str(model.recipe.get("name") or Path(run).name)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    check_plain_names(model, run_name)
     build = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     build.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
     try:
@@ -508,6 +526,8 @@ def export_bundle(
         (build / "docs").mkdir()
         (build / "docs" / "README.md").write_text(readme(model, run_name, torchscript, input_format))
         _replace_dir(build, output)
+    except OSError as exc:  # disk full or permissions: the bundle is built aside, so the old one is untouched
+        raise UsemaError(f"{output}: could not write the bundle ({os_reason(exc)}); the previous one is kept") from exc
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return output

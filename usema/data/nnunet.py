@@ -192,7 +192,8 @@ def scan_dataset(root: str | Path) -> NnunetDataset:
     else:
         _cases_from_folders(ds)
     if not ds.train and not ds.test:
-        ds.problems.append(f"{root / 'imagesTr'}: no cases named CASE_0000{ending} (nor in imagesTs)")
+        ds.problems.append(f"{root / 'imagesTr'}: expected cases named CASE_0000{ending} (dataset.json file_ending), "
+                           "found none (nor in imagesTs)")
     if ds.num_training != ds.listed:
         ds.problems.append(f"{where}: numTraining is {num_training!r} but the dataset holds {ds.listed} training cases")
     return ds

@@ -11,7 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from usema.config import EvaluationConfig, load_recipe
-from usema.errors import UsemaError
+from usema.errors import UsemaError, ensure_writable_dir
 from usema.evaluation.evaluate import (
     csv_path_for,
     evaluate_folders,
@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if output.suffix.lower() != ".json":
         raise UsemaError(f"--output: expected a .json file name, got {output}")
     refuse_existing([output, csv_path_for(output)], args.overwrite)  # before the (long) scoring
+    ensure_writable_dir(output.parent, "folder for the results")
     settings = resolve_settings(args)
     result = evaluate_folders(
         args.pred,

@@ -245,11 +245,11 @@ def _itk_like(array: np.ndarray, geometry: Geometry, vector: bool = False) -> si
 
 @contextlib.contextmanager
 def _result_file(path: str | Path) -> Iterator[Path]:
-    """``atomic_path`` with a failed write (disk full, no permission) reported as a one-line UsemaError."""
+    """``atomic_path`` with SimpleITK's write failures (RuntimeError) also reported as a one-line UsemaError."""
     try:
         with atomic_path(path) as tmp:
             yield tmp
-    except (OSError, RuntimeError) as exc:  # SimpleITK reports write failures as RuntimeError
+    except RuntimeError as exc:  # atomic_path already reports OSError (disk full, no permission)
         reason = " ".join(str(exc).split())[:200]
         raise UsemaError(f"{path}: could not write the result ({reason})") from exc
 

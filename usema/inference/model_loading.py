@@ -8,8 +8,6 @@ The recipe is read as a plain dict (docs/ARCHITECTURE.md) so that inference does
 from __future__ import annotations
 
 import json
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from usema.errors import UsemaError
+from usema.training.checkpoint import read_torch_file
 
 CHECKPOINT_KEYS = ("model", "network", "recipe")
 NETWORK_KEYS = ("name", "spatial_dims", "in_channels", "out_channels")
@@ -88,21 +87,6 @@ def settings_from_recipe(recipe: dict, source: Path = Path("recipe")) -> Inferen
     )
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` with every failure turned into a one-line user error."""
-    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is not a checkpoint
-        raise UsemaError(f"{path}: expected a usema checkpoint (a torch.save file), got another kind of file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UsemaError(
-            f"{path}: refused: it holds Python objects beyond tensors and plain data (weights_only=True load failed)"
-        ) from exc
-    except Exception as exc:  # noqa: BLE001 - truncated or foreign archives all mean "not a checkpoint"
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise UsemaError(f"{path}: expected a readable usema checkpoint ({reason})") from exc
-
-
 def resolve_model_path(model: str | Path) -> Path:
     """The checkpoint or bundle directory behind MODEL: a run dir uses checkpoints/best.pt, else last.pt."""
     model = Path(model)
@@ -127,13 +111,13 @@ def _read_bundle(bundle: Path) -> dict[str, Any]:
         args = json.loads(args_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsemaError(f"{args_path}: expected JSON ({exc})") from exc
-    weights = _torch_load(bundle / BUNDLE_WEIGHTS)
+    weights = read_torch_file(bundle / BUNDLE_WEIGHTS)
     return {**args, "model": weights}
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint dict at ``path`` (a file, or a bundle directory), with its required keys checked."""
-    ckpt = _read_bundle(path) if path.is_dir() else _torch_load(path)
+    ckpt = _read_bundle(path) if path.is_dir() else read_torch_file(path)
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
         raise UsemaError(f"{path}: expected a usema checkpoint dict with keys {', '.join(CHECKPOINT_KEYS)}")
     network = ckpt["network"]

@@ -7,7 +7,6 @@ CPU memory does not grow with the number of classes. Every output is written ato
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from usema.data.preprocess import normalize
-from usema.errors import UsemaError
+from usema.errors import UsemaError, ensure_writable_dir
 from usema.inference.image_io import (
     Case,
     find_cases,
@@ -189,17 +188,6 @@ def _refuse_existing_outputs(cases: list[Case], output_dir: Path, options: Infer
             raise UsemaError(f"{path}: exists; refusing to overwrite results (pass --overwrite)")
 
 
-def _check_output_dir(output_dir: Path) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsemaError(f"{output_dir}: expected an output directory, found a file")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsemaError(f"{output_dir}: cannot create the output directory ({exc.strerror})") from exc
-    if not os.access(output_dir, os.W_OK | os.X_OK):
-        raise UsemaError(f"{output_dir}: output directory is not writable")
-
-
 def infer_case(
     model: LoadedModel, case: Case, output_dir: Path, options: InferenceOptions, device: torch.device
 ) -> int:
@@ -227,7 +215,7 @@ def run_inference(
     cases = find_cases(input_path)
     _refuse_existing_outputs(cases, output_dir, options)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
-    _check_output_dir(output_dir)
+    ensure_writable_dir(output_dir)
     loaded.network.to(device)  # a model loaded earlier may live elsewhere
     start, voxels, outputs = time.perf_counter(), 0, []
     bar = tqdm(cases, unit="case", file=sys.stderr, disable=not options.progress, dynamic_ncols=True)

@@ -6,12 +6,11 @@ Also runs under ``torchrun --nproc_per_node N -m usema train RECIPE`` (Distribut
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from usema.errors import UsemaError, atomic_write_text
+from usema.errors import UsemaError, atomic_write_text, ensure_writable_dir
 
 if TYPE_CHECKING:
     from usema.training.distributed import DistContext
@@ -89,23 +88,13 @@ def prepare_run_dir(run_dir: Path, ctx: DistContext, resume: bool, overwrite: bo
         raise UsemaError(
             f"{run_dir}: already holds a training run; pass --resume to continue it or --overwrite to replace it"
         )
-    _ensure_writable(run_dir)
+    ensure_writable_dir(run_dir, "run directory")
     if overwrite and ctx.is_main:
         for name in RUN_OUTPUTS:
             path = run_dir / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     barrier(ctx)
     return None
-
-
-def _ensure_writable(run_dir: Path) -> None:
-    """Create ``run_dir`` now, so that an unusable output path fails before any data is loaded."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsemaError(f"{run_dir}: cannot create the run directory ({exc.strerror or exc})") from exc
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise UsemaError(f"{run_dir}: the run directory is not writable")
 
 
 def _remove_stale_temporaries(checkpoint_dir: Path) -> None:
@@ -157,9 +146,9 @@ def train(recipe: Any, run_dir: Path, ctx: DistContext, resume: bool = False, ov
         check_resume_recipe(ckpt["recipe"], recipe_dict, run_dir / "checkpoints" / LAST)
         recipe_dict = ckpt["recipe"]
     data = _prepare_data(recipe, run_dir, ctx)
+    trainer = Trainer(recipe, recipe_dict, data, run_dir, ctx)  # before recipe.yaml: a refused run leaves no run
     if ctx.is_main and ckpt is None:
         atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
-    trainer = Trainer(recipe, recipe_dict, data, run_dir, ctx)
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
     state = trainer.fit()

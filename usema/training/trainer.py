@@ -89,6 +89,23 @@ def build_model(spec: dict[str, Any], img_size: list[int] | None = None) -> torc
         raise UsemaError(f"model: cannot build {what}: {reason}") from exc
 
 
+def check_patch_size(network: torch.nn.Module, patch_size: list[int], spec: dict[str, Any]) -> None:
+    """Refuse ``data.patch_size`` now when the network cannot train on it (it would fail at the first step).
+
+    USEMA pads inputs to a multiple of its total ``stride`` and needs >= 2 voxels per side at the bottleneck
+    (instance norm); networks without a ``stride`` attribute check their inputs themselves.
+    """
+    stride = getattr(network, "stride", None)
+    if not isinstance(stride, int):
+        return
+    padded = [p + (-p) % stride for p in patch_size]
+    if min(padded) < 2 * stride:
+        raise UsemaError(
+            f"data.patch_size: expected every side >= {2 * stride} for {spec['name']} (preset {spec['preset']}), "
+            f"got {list(patch_size)}"
+        )
+
+
 def configure_determinism(device: torch.device) -> None:
     """Bit-exact CPU runs (exact resume); on CUDA favour speed (cuDNN autotuning)."""
     if device.type == "cpu":
@@ -130,6 +147,7 @@ class Trainer:
         configure_determinism(ctx.device)
         seed_everything(recipe.train.seed)
         self.network = build_model(self.spec, list(recipe.data.patch_size)).to(ctx.device)
+        check_patch_size(self.network, list(recipe.data.patch_size), self.spec)
         seed_everything(recipe.train.seed + ctx.rank)  # per-rank stream for stochastic layers (DropPath)
         self.model = self._wrap_ddp(self.network)
         self.loss_fn = build_loss()
@@ -153,6 +171,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Checkpoint dict (docs/ARCHITECTURE.md). Collective under DDP: every rank must call it."""
         rng_per_rank = all_gather_objects(capture_rng_state(), self.ctx)
+        loss_sum, loss_count = self._all_ranks_epoch_loss()
         epoch, iteration = divmod(self.state.step, self.ipe)
         return {
             "model": self.network.state_dict(),
@@ -170,8 +189,8 @@ class Trainer:
             "rng": {"ranks": rng_per_rank},
             "metrics": {
                 "history": self.state.history,
-                "epoch_loss_sum": self.state.epoch_loss_sum,
-                "epoch_loss_count": self.state.epoch_loss_count,
+                "epoch_loss_sum": loss_sum,  # over all ranks; restored on rank 0
+                "epoch_loss_count": loss_count,
                 "epoch_seconds": self.state.epoch_seconds,
             },
         }
@@ -188,8 +207,8 @@ class Trainer:
             step=ckpt["step"],
             best_metric=ckpt["best_metric"],
             history=list(metrics["history"]),
-            epoch_loss_sum=metrics["epoch_loss_sum"],
-            epoch_loss_count=metrics["epoch_loss_count"],
+            epoch_loss_sum=metrics["epoch_loss_sum"] if self.ctx.is_main else 0.0,
+            epoch_loss_count=metrics["epoch_loss_count"] if self.ctx.is_main else 0,
             epoch_seconds=metrics["epoch_seconds"],
         )
         ranks = ckpt["rng"]["ranks"]
@@ -340,11 +359,18 @@ class Trainer:
             return True
         return False
 
-    def _epoch_train_loss(self) -> float:
-        """Mean training loss of the epoch over all ranks' batches (collective under DDP)."""
+    def _all_ranks_epoch_loss(self) -> tuple[float, int]:
+        """Sum and count of this epoch's batch losses over all ranks (collective under DDP)."""
+        if not self.ctx.distributed:
+            return self.state.epoch_loss_sum, self.state.epoch_loss_count
         totals = torch.tensor([self.state.epoch_loss_sum, self.state.epoch_loss_count], dtype=torch.float64)
         all_reduce_sum(totals, self.ctx)
-        return float(totals[0] / max(1.0, float(totals[1])))
+        return float(totals[0]), int(totals[1])
+
+    def _epoch_train_loss(self) -> float:
+        """Mean training loss of the epoch over all ranks' batches (collective under DDP)."""
+        loss_sum, loss_count = self._all_ranks_epoch_loss()
+        return loss_sum / max(1, loss_count)
 
     def _metrics_row(self, epoch: int, result: ValidationResult | None) -> dict[str, Any]:
         row: dict[str, Any] = {
