@@ -12,13 +12,6 @@ from tqdm import tqdm
 
 from usema.config import EvaluationConfig, load_recipe
 from usema.errors import UsemaError, ensure_writable_dir
-from usema.evaluation.evaluate import (
-    csv_path_for,
-    evaluate_folders,
-    format_table,
-    refuse_existing,
-    write_results,
-)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -127,6 +120,15 @@ def resolve_settings(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here: the metrics pull in MONAI, which would slow down every `usema` command's start-up
+    from usema.evaluation.evaluate import (  # noqa: PLC0415
+        csv_path_for,
+        evaluate_folders,
+        format_table,
+        refuse_existing,
+        write_results,
+    )
+
     if args.workers < 1:
         raise UsemaError(f"--workers: expected a number of processes >= 1, got {args.workers}")
     output = args.output or args.pred / "evaluation.json"
