@@ -147,3 +147,16 @@ def make_png_dataset(
     labels = CELL_LABELS if n_classes == 2 else {0: "background", **{c: f"class{c}" for c in range(1, n_classes + 1)}}
     write_dataset_json(root, ["R", "G", "B"], labels, n_cases, ".png")
     return root
+
+
+# a USEMA small enough for CPU tests: 3 stages, SEMA on the bottleneck stage only (USEMA keyword overrides)
+TINY_USEMA = {
+    "features": [8, 16, 32],
+    "encoder_blocks": [1, 1, 1],
+    "sema_num_stages": 1,
+    "sema_depth": [1],
+    "head_dim": 8,
+    "window_size": 4,
+}
+# CT normalisation statistics in the checkpoint format (clip range, then z-score)
+CT_STATS = {"lower": -100.0, "upper": 200.0, "mean": 40.0, "std": 70.0}

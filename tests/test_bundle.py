@@ -20,17 +20,11 @@ from usema.errors import UsemaError
 from usema.inference.pipeline import InferenceOptions, run_inference
 from usema.nets import build_network
 
+from synthetic_data import CT_STATS, TINY_USEMA
+
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO.parent / "shared" / "monai" / "meta_schema_20240725.json"
-TINY = {
-    "features": [8, 16, 32],
-    "encoder_blocks": [1, 1, 1],
-    "sema_num_stages": 1,
-    "sema_depth": [1],
-    "head_dim": 8,
-    "window_size": 4,
-}
-CT_STATS = {"lower": -100.0, "upper": 200.0, "mean": 40.0, "std": 70.0}
+TINY = TINY_USEMA
 
 
 def make_run(run: Path, name: str = "usema", overrides: dict | None = None) -> Path:

@@ -25,16 +25,9 @@ from usema.inference.model_loading import load_model
 from usema.inference.pipeline import InferenceOptions, predict_case, run_inference
 from usema.nets import build_network
 
-# a USEMA small enough for CPU tests: 3 stages, SEMA on the bottleneck stage only
-TINY = {
-    "features": [8, 16, 32],
-    "encoder_blocks": [1, 1, 1],
-    "sema_num_stages": 1,
-    "sema_depth": [1],
-    "head_dim": 8,
-    "window_size": 4,
-}
-CT_STATS = {"lower": -100.0, "upper": 200.0, "mean": 40.0, "std": 70.0}
+from synthetic_data import CT_STATS, TINY_USEMA
+
+TINY = TINY_USEMA
 QUIET = {"progress": False}
 
 
