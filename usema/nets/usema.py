@@ -193,7 +193,12 @@ class USEMA(nn.Module):
         x = skips.pop()
         outputs: list[torch.Tensor] = []
         for i in reversed(range(len(self.decoder))):
-            x = self.decoder[i](torch.cat([self.upsample[i](x), skips[i]], dim=1))
+            fuse, *blocks = self.decoder[i]
+            # the 2C-wide concatenation is freed right after the 1x1 fusion, and each skip once it is used,
+            # instead of living until the whole decoder stage (or network) returns: lower peak memory
+            x = fuse(torch.cat([self.upsample[i](x), skips.pop()], dim=1))
+            for block in blocks:
+                x = block(x)
             if i < len(self.heads) and (i == 0 or self.training):
                 outputs.append(self.heads[i](x))
         outputs.reverse()  # full resolution first
