@@ -347,14 +347,14 @@ def test_resume_from_a_corrupt_checkpoint_is_refused_and_keeps_it(tmp_path: Path
 # ---------------------------------------------------------------------------------- 5. output folders
 def _existing_infer(ckpt: Path, volume: Path, out: Path) -> tuple[list[str], str]:
     assert main(infer_args(ckpt, volume, out)) == 0
-    return infer_args(ckpt, volume, out), "good.nii.gz: exists; refusing to overwrite results (pass --overwrite)"
+    return infer_args(ckpt, volume, out), "good.nii.gz: already exists; refusing to overwrite the prediction (pass --overwrite to replace it)"
 
 
 def _existing_evaluate(ckpt: Path, volume: Path, out: Path) -> tuple[list[str], str]:
     assert main(infer_args(ckpt, volume, out)) == 0
     argv = ["evaluate", "--pred", str(out), "--truth", str(out), "--labels", "1=a", "2=b", "--output", str(out / "e.json")]
     assert main(argv) == 0
-    return argv, "e.json: already exists; expected a new output file (use --overwrite to replace it)"
+    return argv, "e.json: already exists; refusing to overwrite the evaluation result (pass --overwrite to replace it)"
 
 
 def _existing_bundle(ckpt: Path, volume: Path, out: Path) -> tuple[list[str], str]:

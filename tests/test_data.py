@@ -151,7 +151,7 @@ def test_boundary_pixels_touch_another_instance_or_background():
 
 
 def test_export_nuclei_writes_readable_pair_and_refuses_overwrite(tmp_path, capsys):
-    from usema.data.io import read_image, read_label
+    from usema.io.labels import read_image, read_label
 
     assert main(["datasets", "export-demo", "nuclei", "--output", str(tmp_path / "demo")]) == 0
     image, label, meta = (Path(line) for line in capsys.readouterr().out.split())
@@ -168,7 +168,7 @@ def test_export_nuclei_writes_readable_pair_and_refuses_overwrite(tmp_path, caps
 @pytest.mark.slow
 def test_export_brain_keeps_the_template_grid(tmp_path):
     from usema.data.command import export_brain
-    from usema.data.io import geometry_affine, read_image, read_label
+    from usema.io.labels import geometry_affine, read_image, read_label
 
     image, label, _ = export_brain(tmp_path / "demo")
     demo = demos.load_brain()

@@ -20,7 +20,7 @@ from PIL import Image
 from usema.cli import main
 from usema.errors import UsemaError
 from usema.inference import pipeline
-from usema.inference.image_io import find_cases, read_image
+from usema.io.images import find_cases, read_image
 from usema.inference.model_loading import load_model
 from usema.inference.pipeline import InferenceOptions, predict_case, run_inference
 from usema.nets import build_network

@@ -17,7 +17,7 @@ import torch
 from test_bundle import make_run
 from test_resume import RUN, TIMEOUT_S
 
-from usema.training.checkpoint import load_checkpoint
+from usema.run.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -114,7 +114,7 @@ def test_every_torch_load_in_the_package_is_weights_only() -> None:
                 flags = {k.arg: ast.unparse(k.value) for k in node.keywords}
                 if flags.get("weights_only") != "True":
                     problems.append(f"{where}: torch.load without weights_only=True")
-    assert loads >= 1 and problems == []  # the scan does see the loader (usema.training.checkpoint)
+    assert loads >= 1 and problems == []  # the scan does see the loader (usema.run.checkpoint)
 
 
 # --------------------------------------------------------------------------------------------- recipes

@@ -17,8 +17,8 @@ from usema.cli import main
 from usema.config import list_recipes, load_recipe, recipe_to_dict
 from usema.data.demos import BRAIN_LABELS
 from usema.errors import UsemaError
-from usema.training import checkpoint as checkpoint_module
-from usema.training.checkpoint import load_checkpoint, save_checkpoint
+from usema.run import checkpoint as checkpoint_module
+from usema.run.checkpoint import load_checkpoint, save_checkpoint
 from usema.training.command import check_resume_recipe
 from usema.training.components import build_loss, build_optimizer, build_scheduler
 from usema.training.rng import capture_rng_state, restore_rng_state

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from usema.errors import UsemaError, atomic_write_text, ensure_writable_dir
+from usema.errors import UsemaError
+from usema.io.files import atomic_write_text, ensure_writable_dir, refuse_existing
 
 __all__ = [
     "BenchConfig",
@@ -494,9 +495,7 @@ def _outputs(path: str | None, overwrite: bool) -> tuple[Path, Path] | None:
         raise UsemaError(f"--output: a .md file expected, got {path}")
     ensure_writable_dir(md.parent, "--output directory")  # fail now, not after the measurements
     js = md.with_suffix(".json")
-    existing = [str(p) for p in (md, js) if p.exists()]
-    if existing and not overwrite:
-        raise UsemaError(f"--output: {', '.join(existing)} exists; pass --overwrite to replace it")
+    refuse_existing([md, js], overwrite, "benchmark report")
     return md, js
 
 

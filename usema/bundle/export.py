@@ -29,7 +29,8 @@ import torch
 
 import usema
 from usema.data.preprocess import STD_FLOOR
-from usema.errors import UsemaError, ensure_writable_dir, os_reason
+from usema.errors import UsemaError, os_reason
+from usema.io.files import ensure_writable_dir
 from usema.inference.model_loading import BUNDLE_USEMA_ARGS, LoadedModel, load_model
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"

@@ -12,7 +12,8 @@ import numpy as np
 import tifffile
 
 from usema.data import demos, nnunet
-from usema.errors import UsemaError, atomic_path, atomic_write_text
+from usema.errors import UsemaError
+from usema.io.files import atomic_path, atomic_write_text, refuse_existing
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -78,12 +79,6 @@ def _write(path: Path, write: Callable[[Path], object]) -> None:
         write(tmp)
 
 
-def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
-    existing = [p for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise UsemaError(f"{existing[0]}: already exists; pass --overwrite to replace it")
-
-
 def _dataset_json(channel: str, labels: dict[int, str], ending: str) -> str:
     meta = {
         "channel_names": {"0": channel},
@@ -99,7 +94,7 @@ def export_brain(output: Path, overwrite: bool = False) -> list[Path]:
     demo = demos.load_brain()
     image, label = output / "imagesTs" / "mni152_0000.nii.gz", output / "labelsTs" / "mni152.nii.gz"
     meta = output / "dataset.json"
-    _refuse_existing([image, label, meta], overwrite)
+    refuse_existing([image, label, meta], overwrite, "demo dataset file")
     _write(image, lambda p: nib.save(nib.Nifti1Image(demo.t1, demo.affine), str(p)))
     _write(label, lambda p: nib.save(nib.Nifti1Image(demo.label, demo.affine), str(p)))
     atomic_write_text(meta, _dataset_json("T1", demos.BRAIN_LABELS, ".nii.gz"))
@@ -112,7 +107,7 @@ def export_nuclei(output: Path, target: str = "binary", overwrite: bool = False)
     raw, instances = tifffile.imread(files["image"]), tifffile.imread(files["mask"])
     image, label = output / "imagesTs" / "nuclei_0000.tif", output / "labelsTs" / "nuclei.tif"
     meta = output / "dataset.json"
-    _refuse_existing([image, label, meta], overwrite)
+    refuse_existing([image, label, meta], overwrite, "demo dataset file")
     _write(image, lambda p: tifffile.imwrite(p, raw))
     _write(label, lambda p: tifffile.imwrite(p, demos.instance_to_semantic(instances, target)))
     atomic_write_text(meta, _dataset_json("fluorescence", demos.NUCLEI_LABELS[target], ".tif"))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from usema.data.io import Geometry, geometry_spacing, read_case_image, read_label, same_grid
+from usema.io.labels import Geometry, geometry_spacing, read_case_image, read_label, same_grid
 from usema.errors import UsemaError
 
 REQUIRED_JSON_KEYS = ("channel_names", "labels", "numTraining", "file_ending")

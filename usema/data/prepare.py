@@ -17,7 +17,8 @@ from usema.config import Recipe
 from usema.data import demos, nnunet
 from usema.data.pipeline import PatchDataset, TrainCase, make_case
 from usema.data.preprocess import CT_SAMPLE_BUDGET, CT_STATS_KEYS, foreground_sample, normalize, stats_from_samples
-from usema.errors import UsemaError, atomic_write_text
+from usema.errors import UsemaError
+from usema.io.files import atomic_write_text
 
 NORM_STATS_FILE = "norm_stats.json"
 

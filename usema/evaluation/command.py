@@ -11,7 +11,8 @@ from typing import Any
 from tqdm import tqdm
 
 from usema.config import EvaluationConfig, load_recipe
-from usema.errors import UsemaError, ensure_writable_dir
+from usema.errors import UsemaError
+from usema.io.files import ensure_writable_dir
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     output = args.output or args.pred / "evaluation.json"
     if output.suffix.lower() != ".json":
         raise UsemaError(f"--output: expected a .json file name, got {output}")
-    refuse_existing([output, csv_path_for(output)], args.overwrite)  # before the (long) scoring
+    refuse_existing([output, csv_path_for(output)], args.overwrite, "evaluation result")  # before the (long) scoring
     ensure_writable_dir(output.parent, "folder for the results")
     settings = resolve_settings(args)
     result = evaluate_folders(

@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from usema.errors import UsemaError, atomic_path
+from usema.errors import UsemaError
+from usema.io.files import atomic_path, refuse_existing
 from usema.evaluation import metrics
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -503,7 +504,7 @@ def write_results(result: EvaluationResult, json_path: str | Path, overwrite: bo
     """Write the CSV, then the JSON summary (so a complete JSON means a complete CSV), each atomically."""
     json_path = Path(json_path)
     csv_path = csv_path_for(json_path)
-    refuse_existing([json_path, csv_path], overwrite)
+    refuse_existing([json_path, csv_path], overwrite, "evaluation result")
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, restval="")
         writer.writeheader()
@@ -511,13 +512,6 @@ def write_results(result: EvaluationResult, json_path: str | Path, overwrite: bo
     with atomic_path(json_path) as tmp:
         tmp.write_text(json.dumps(result.summary, indent=2) + "\n")
     return json_path, csv_path
-
-
-def refuse_existing(paths: Iterable[Path], overwrite: bool) -> None:
-    """UsemaError naming the first existing result file unless ``overwrite``."""
-    for path in paths:
-        if path.exists() and not overwrite:
-            raise UsemaError(f"{path}: already exists; expected a new output file (use --overwrite to replace it)")
 
 
 def _csv_value(value: object) -> object:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from usema.errors import UsemaError
-from usema.training.checkpoint import read_torch_file
+from usema.run.checkpoint import read_torch_file
 
 CHECKPOINT_KEYS = ("model", "network", "recipe")
 NETWORK_KEYS = ("name", "spatial_dims", "in_channels", "out_channels")

@@ -17,8 +17,9 @@ import torch
 from tqdm import tqdm
 
 from usema.data.preprocess import normalize
-from usema.errors import UsemaError, ensure_writable_dir
-from usema.inference.image_io import (
+from usema.errors import UsemaError
+from usema.io.files import ensure_writable_dir, refuse_existing
+from usema.io.images import (
     Case,
     find_cases,
     label_dtype,
@@ -184,8 +185,7 @@ def _refuse_existing_outputs(cases: list[Case], output_dir: Path, options: Infer
     for path in planned:
         if path.resolve() in inputs:
             raise UsemaError(f"{path}: the output would replace an input image; choose another --output")
-        if path.exists() and not options.overwrite:
-            raise UsemaError(f"{path}: exists; refusing to overwrite results (pass --overwrite)")
+    refuse_existing(planned, options.overwrite, "prediction")
 
 
 def infer_case(

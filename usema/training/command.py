@@ -10,7 +10,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from usema.errors import UsemaError, atomic_write_text, ensure_writable_dir
+from usema.errors import UsemaError
+from usema.io.files import atomic_write_text, ensure_writable_dir
 
 if TYPE_CHECKING:
     from usema.training.distributed import DistContext
@@ -69,7 +70,7 @@ def has_run(run_dir: Path) -> bool:
 
 def prepare_run_dir(run_dir: Path, ctx: DistContext, resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """Apply the refuse / resume / overwrite rules; returns the checkpoint to resume from, or None."""
-    from usema.training.checkpoint import load_checkpoint  # noqa: PLC0415
+    from usema.run.checkpoint import load_checkpoint  # noqa: PLC0415
     from usema.training.distributed import barrier  # noqa: PLC0415
 
     last = run_dir / "checkpoints" / LAST

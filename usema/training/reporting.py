@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from usema.errors import atomic_path
+from usema.io.files import atomic_path
 
 # distinct colours for label overlays (RGB in [0, 1]); labels beyond the list reuse it cyclically
 _PALETTE = np.array(

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from usema.errors import UsemaError
 from usema.training import reporting
-from usema.training.checkpoint import BEST, LAST, save_checkpoint
+from usema.run.checkpoint import BEST, LAST, save_checkpoint
 from usema.training.components import (
     GRAD_CLIP_NORM,
     build_loss,

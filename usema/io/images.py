@@ -27,7 +27,8 @@ import SimpleITK as sitk
 import tifffile
 from PIL import Image
 
-from usema.errors import UsemaError, atomic_path
+from usema.errors import UsemaError
+from usema.io.files import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".mha")

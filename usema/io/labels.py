@@ -1,4 +1,4 @@
-"""Training-side reading on top of ``usema.inference.image_io`` (which owns decoding and geometry).
+"""Training-side reading on top of ``usema.io.images`` (which owns decoding and geometry).
 
 Adds what datasets need beyond images: integer label maps, and the affine / spacing of a grid so that an
 image and its label can be compared.
@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from usema.errors import UsemaError
-from usema.inference.image_io import Geometry, image_suffix, read_image
+from usema.io.images import Geometry, image_suffix, read_image
 
 __all__ = ["Geometry", "read_image", "read_label", "geometry_affine", "geometry_spacing", "same_grid"]
 

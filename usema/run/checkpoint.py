@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from usema.errors import UsemaError, atomic_path, os_reason
+from usema.errors import UsemaError, os_reason
+from usema.io.files import atomic_path
 
 LAST = "last.pt"
 BEST = "best.pt"

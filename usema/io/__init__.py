@@ -1,0 +1,1 @@
+"""The bottom layer: reading and writing images, labels and result files (imports no other usema package)."""
