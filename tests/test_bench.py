@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from usema import bench
+from usema.bench import flops, harness, memory, timing
 from usema.cli import main
 from usema.errors import UsemaError
 from usema.nets import SEMAAttention
@@ -24,7 +24,7 @@ def _math_path_flops(fn, *args) -> int:
 
 
 def _fused_flops(fn, *args) -> int:
-    counter = FlopCounterMode(display=False, custom_mapping=bench.attention_flop_mapping())
+    counter = FlopCounterMode(display=False, custom_mapping=flops.attention_flop_mapping())
     with torch.no_grad(), counter:
         fn(*args)
     return counter.get_total_flops()
@@ -57,7 +57,7 @@ def test_fused_attention_backward_counted() -> None:
     """Backward of fused attention is counted: the math path's FLOPs plus the flash kernel's recomputed QK^T."""
     b, h, length, d = 2, 2, 16, 8
     q, k, v = (torch.randn(b, h, length, d, requires_grad=True) for _ in range(3))
-    counter = FlopCounterMode(display=False, custom_mapping=bench.attention_flop_mapping())
+    counter = FlopCounterMode(display=False, custom_mapping=flops.attention_flop_mapping())
     with counter:
         F.scaled_dot_product_attention(q, k, v).sum().backward()
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as math_counter:
@@ -68,15 +68,15 @@ def test_fused_attention_backward_counted() -> None:
 
 def test_scaling_slope_recovers_power_law() -> None:
     pixels = [64**2, 128**2, 256**2]
-    assert bench.scaling_slope(pixels, [3.0 * p for p in pixels]) == pytest.approx(1.0)
-    assert bench.scaling_slope(pixels, [p**1.5 for p in pixels]) == pytest.approx(1.5)
-    assert bench.scaling_slope(pixels[:1], [1.0]) is None
+    assert harness.scaling_slope(pixels, [3.0 * p for p in pixels]) == pytest.approx(1.0)
+    assert harness.scaling_slope(pixels, [p**1.5 for p in pixels]) == pytest.approx(1.5)
+    assert harness.scaling_slope(pixels[:1], [1.0]) is None
 
 
 def test_interleaved_rounds_alternate_networks() -> None:
     """Round r runs every network once before round r+1 starts (shared machine noise)."""
     calls: list[str] = []
-    times = bench.interleaved_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    times = timing.interleaved_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
     assert calls == ["a", "b"] * 3
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
 
@@ -84,7 +84,7 @@ def test_interleaved_rounds_alternate_networks() -> None:
 @pytest.mark.slow  # starts a process that imports torch and MONAI
 def test_memory_probe_sees_forward_allocations() -> None:
     """The probe's forward peak exceeds the input size of a large image (a real forward high-water mark)."""
-    [result] = bench.measure_peak_memory([("basicunet", 2, 128)], threads=1)
+    [result] = memory.measure_peak_memory([("basicunet", 2, 128)], threads=1)
     feature_map_mib = 32 * 128 * 128 * 4 / 2**20  # BasicUNet's first feature map alone
     assert result["forward_mib"] >= feature_map_mib
     assert result["process_peak_mib"] >= result["baseline_mib"] + result["forward_mib"] - 1e-6

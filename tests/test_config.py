@@ -172,7 +172,67 @@ def test_dict_round_trip_survives_stringified_label_keys():
 
 def test_cli_prints_one_line_error_for_bad_recipe(tmp_path, capsys):
     path = write(tmp_path, minimal(data={"source": "demo_brain", "patch_sise": [64, 64]}))
-    pytest.importorskip("usema.training.command")
     code = main(["train", str(path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "data.patch_size" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ hostile recipes (issue 13)
+@pytest.mark.parametrize("key", ["train.lr", "train.weight_decay", "data.fg_oversample", "val.overlap"])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "1e999"])
+def test_non_finite_numbers_are_refused(key, value):
+    """NaN passes every `value < 0` check; it must be refused by name, not train an all-NaN model."""
+    with pytest.raises(UsemaError, match=f"--set {key}={value}: {key}: expected a finite number"):
+        load_recipe("demo_brain", [f"{key}={value}"])
+
+
+def test_nan_learning_rate_in_the_file_is_refused_before_training(tmp_path, capsys):
+    path = write(tmp_path, "name: t\ndata: {source: demo_nuclei}\ntrain: {lr: .nan}\n")
+    assert main(["train", str(path), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"usema: error: {path}: train.lr: expected a finite number, got nan\n"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.epochs=100000000000000000000"], "train.epochs: expected an integer of magnitude at most 2147483647"),
+        (["train.epochs=100000", "train.iterations_per_epoch=100000"], "train.epochs: expected epochs × train.iter"),
+    ],
+)
+def test_huge_budgets_are_refused(overrides, expected):
+    with pytest.raises(UsemaError, match=expected):
+        load_recipe("demo_brain", overrides)
+
+
+def test_duplicate_keys_are_refused_with_the_line(tmp_path):
+    path = write(tmp_path, "name: t\ndata:\n  source: demo_brain\n  patch_size: [64, 64]\n  patch_size: [32, 32]\n")
+    with pytest.raises(UsemaError, match=r"recipe.yaml: patch_size: key given twice \(line 5\)"):
+        load_recipe(path)
+    with pytest.raises(UsemaError, match="key given twice"):
+        load_recipe("demo_brain", ["model.overrides={a: 1, a: 2}"])
+
+
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    """762 bytes of nested aliases expand to ~10^9 values; refused by counting, never by expanding."""
+    lines = ["name: t", "data: {source: demo_brain}", "x0: &x0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 9)}]" for i in range(1, 9)]
+    text = "\n".join(lines[:2]) + "\nmodel:\n  overrides:\n" + "\n".join("    " + line for line in lines[2:]) + "\n"
+    path = write(tmp_path, text)
+    assert len(text) < 1000
+    with pytest.raises(UsemaError, match="expected a recipe of at most 100000 values"):
+        load_recipe(path)
+
+
+def test_dependent_keys_change_together_with_set():
+    """A 3D patch and spatial_dims=3 are only valid together; each alone is not."""
+    recipe = load_recipe("demo_brain", ["data.spatial_dims=3", "data.patch_size=[32, 32, 32]"])
+    assert recipe.data.spatial_dims == 3 and recipe.data.patch_size == [32, 32, 32]
+    with pytest.raises(UsemaError, match=r"data.patch_size: expected 3 positive integers"):
+        load_recipe("demo_brain", ["data.spatial_dims=3"])
+
+
+def test_a_single_bad_set_among_good_ones_is_named():
+    with pytest.raises(UsemaError, match=r"^--set train.lr=-1: train.lr: expected a non-negative number"):
+        load_recipe("demo_brain", ["data.spatial_dims=3", "data.patch_size=[32, 32, 32]", "train.lr=-1"])

@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "data": 3,
     "evaluation": 3,
     "run": 4,
+    "planning": 4,
     "inference": 5,
     "training": 6,
     "bundle": 6,

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Callable, Literal, Sequence, Union
 
 import yaml
 
@@ -23,7 +24,10 @@ from usema.errors import UsemaError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-MISSING = dataclasses.MISSING
+# integers feed torch and C counters: larger values overflow them instead of meaning anything
+MAX_INT = 2**31 - 1
+# a recipe is a few hundred values; a YAML alias bomb (or a shared-reference pickle) expands to billions
+MAX_RECIPE_VALUES = 100_000
 
 
 @dataclass
@@ -33,8 +37,10 @@ class DataConfig:
     spatial_dims: Literal[2, 3] = 2
     slice_axis: Literal[0, 1, 2] = 2
     normalization: Literal["ct", "zscore", "rgb", "none"] = "zscore"
+    target_spacing: list[float | None] | None = None
     patch_size: list[int] = field(default_factory=lambda: [128, 128])
     fg_oversample: float = 0.33
+    augmentation: Literal["nnunet", "light", "none"] = "light"
     cache: bool = True
     num_workers: int = 2
     val_fraction: float = 0.2
@@ -61,6 +67,7 @@ class TrainConfig:
     deep_supervision: bool = True
     amp: bool = True
     seed: int = 0
+    fold: Union[int, Literal["all"], None] = None
     checkpoint_every: int = 0
 
 
@@ -74,6 +81,7 @@ class ValConfig:
 
 @dataclass
 class EvaluationConfig:
+    protocol: Literal["flare22", "amos", "endovis17", "neurips_cell", "generic"] = "generic"
     nsd_tolerance_mm: Union[float, dict[str, float]] = 2.0
     instance_f1: bool = False
     interior_label: int = 1
@@ -144,9 +152,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for option in args:
-            if option is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own message is the precise one
+            return _coerce(value, options[0], where)
+        for option in options:
             try:
                 return _coerce(value, option, where)
             except UsemaError:
@@ -166,13 +175,28 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 k = int(k)  # JSON / checkpoint round trips stringify integer keys
             out[_coerce(k, key_tp, f"{where} key")] = _coerce(v, val_tp, f"{where}.{k}")
         return out
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+    if tp is float:
+        return _finite_float(value, where)
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise UsemaError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is int and abs(value) > MAX_INT:
+        raise UsemaError(f"{where}: expected an integer of magnitude at most {MAX_INT}, got {value}")
     return value
+
+
+def _finite_float(value: Any, where: str) -> float:
+    """A finite float from a number or a numeric string (YAML 1.1 reads 1e-3, without a dot, as a string)."""
+    if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        value = value.strip()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsemaError(f"{where}: expected number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise UsemaError(f"{where}: expected a finite number, got {value!r}")
+    return number
 
 
 def _unknown_key(where: str, key: str, valid: Sequence[str]) -> UsemaError:
@@ -204,7 +228,7 @@ def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
             except UsemaError as exc:
                 raise UsemaError(f"{source}: {exc}") from None
     for name, f in fields.items():
-        if name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise UsemaError(f"{source}: {prefix}{name}: required key is missing")
     return cls(**kwargs)
 
@@ -227,6 +251,7 @@ def _check_ranges(r: Recipe, source: str) -> None:
         fail("data.spatial_dims", "2 for the 2D nuclei image", d.spatial_dims)
     if len(d.patch_size) != d.spatial_dims or min(d.patch_size) < 1:
         fail("data.patch_size", f"{d.spatial_dims} positive integers (data.spatial_dims)", d.patch_size)
+    _check_target_spacing(d, fail)
     if v.roi_size is not None and (len(v.roi_size) != d.spatial_dims or min(v.roi_size) < 1):
         fail("val.roi_size", f"null or {d.spatial_dims} positive integers", v.roi_size)
     if not 0.0 <= d.fg_oversample <= 1.0:
@@ -249,6 +274,12 @@ def _check_ranges(r: Recipe, source: str) -> None:
     for key, value in [("train.lr", t.lr), ("train.weight_decay", t.weight_decay)]:
         if value < 0:
             fail(key, "a non-negative number", value)
+    if t.fold is not None and d.source != "nnunet":
+        fail("train.fold", "null for the demo datasets (their split is fixed)", t.fold)
+    if isinstance(t.fold, int) and t.fold < 0:
+        fail("train.fold", "a fold index >= 0 or 'all'", t.fold)
+    if t.epochs * t.iterations_per_epoch > MAX_INT:
+        fail("train.epochs", f"epochs × train.iterations_per_epoch of at most {MAX_INT}", t.epochs)
     if d.labels is not None:
         if d.labels.get(0) is None:
             fail("data.labels", "a mapping that includes 0 (background)", d.labels)
@@ -259,11 +290,36 @@ def _check_ranges(r: Recipe, source: str) -> None:
     _check_tolerances(r, source)
 
 
+def _check_target_spacing(d: DataConfig, fail: Callable[[str, str, Any], None]) -> None:
+    """Millimetres per array axis of the data; a 2D model on volumes is resampled in-plane only (null there)."""
+    spacing = d.target_spacing
+    if spacing is None:
+        return
+    if d.source != "nnunet":
+        fail("data.target_spacing", "null for the demo datasets (they are used on their own grid)", spacing)
+    if len(spacing) not in (2, 3) or len(spacing) < d.spatial_dims:
+        fail("data.target_spacing", f"null or one spacing per axis of the data ({d.spatial_dims} or 3)", spacing)
+    if len(spacing) == 3 and d.spatial_dims == 2:
+        in_plane = [s for a, s in enumerate(spacing) if a != d.slice_axis]
+        if spacing[d.slice_axis] is not None or None in in_plane:
+            fail("data.target_spacing", f"null at data.slice_axis ({d.slice_axis}) and positive millimetres on the "
+                 "other axes (2D models are resampled in-plane only)", spacing)
+    elif None in spacing:
+        fail("data.target_spacing", "positive millimetres on every axis", spacing)
+    if any(s is not None and s <= 0 for s in spacing):
+        fail("data.target_spacing", "positive millimetres", spacing)
+
+
 def _check_tolerances(r: Recipe, source: str) -> None:
     tol = r.evaluation.nsd_tolerance_mm
     values = tol.values() if isinstance(tol, dict) else [tol]
-    if any(x < 0 for x in values):
-        raise UsemaError(f"{source}: evaluation.nsd_tolerance_mm: expected non-negative millimetres, got {tol!r}")
+    if any(not x >= 0 or x == float("inf") for x in values):
+        raise UsemaError(f"{source}: evaluation.nsd_tolerance_mm: expected finite non-negative millimetres, got {tol!r}")
+    protocol = r.evaluation.protocol
+    if protocol != "generic" and (isinstance(tol, dict) or r.evaluation.instance_f1):
+        key = "nsd_tolerance_mm" if isinstance(tol, dict) else "instance_f1"
+        raise UsemaError(f"{source}: evaluation.{key}: the {protocol} protocol uses its own published rules; "
+                         "this key is for protocol generic")  # fmt: skip
     if isinstance(tol, dict) and r.data.labels is not None:
         names = [n for k, n in r.data.labels.items() if k != 0]
         for key in tol:
@@ -276,8 +332,25 @@ def _check_tolerances(r: Recipe, source: str) -> None:
 # public API
 
 
+def check_size(data: Any, source: str, limit: int = MAX_RECIPE_VALUES) -> None:
+    """Refuse data holding more than ``limit`` values once shared references are expanded (alias bombs)."""
+    pending, count = [data], 0
+    while pending:
+        node = pending.pop()
+        count += 1
+        if count > limit:
+            raise UsemaError(f"{source}: expected a recipe of at most {limit} values; it expands to more "
+                             "(YAML aliases repeating large parts)")
+        if isinstance(node, dict):
+            pending.extend(node.keys())
+            pending.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            pending.extend(node)
+
+
 def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
     """Validate a plain mapping (a parsed YAML recipe) into a :class:`Recipe`; ``source`` names it in errors."""
+    check_size(data, source)
     recipe = _build(Recipe, data, "", source)
     _check_ranges(recipe, source)
     return recipe
@@ -306,12 +379,14 @@ def list_recipes() -> list[str]:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.epochs=2"`` -> (["train", "epochs"], 2); the value is parsed with ``yaml.safe_load``."""
+    """``"train.epochs=2"`` -> (["train", "epochs"], 2); the value is parsed as YAML data."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UsemaError(f"--set {text}: expected KEY=VALUE with a dotted key such as train.epochs=2")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw, f"--set {text}") if raw.strip() else None
+    except UsemaError:
+        raise
     except yaml.YAMLError as exc:
         raise UsemaError(f"--set {text}: value is not valid YAML ({str(exc).splitlines()[0]})") from None
     return key.strip().split("."), value
@@ -344,18 +419,58 @@ def load_recipe(path_or_name: str | Path, overrides: Sequence[str] = ()) -> Reci
     """
     path = resolve_recipe_path(path_or_name)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text(), str(path))
     except (OSError, UnicodeDecodeError) as exc:
         raise UsemaError(f"{path}: cannot read recipe ({exc})") from None
     except yaml.YAMLError as exc:
         raise UsemaError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict):
         raise UsemaError(f"{path}: expected a YAML mapping with sections name, data, model, train, val, ...")
-    recipe = recipe_from_dict(data, str(path))
-    for text in overrides:  # one at a time, so that an error names the --set that caused it
-        data = apply_overrides(data, [text])
-        recipe = recipe_from_dict(data, f"--set {text}")
-    return recipe
+    recipe = recipe_from_dict(data, str(path))  # the file alone first, so that its own errors name it
+    return apply_and_validate(data, overrides) if overrides else recipe
+
+
+def apply_and_validate(data: dict, overrides: Sequence[str]) -> Recipe:
+    """All ``--set`` assignments applied together, so that dependent keys (``data.spatial_dims`` with a 3D
+    ``data.patch_size``) can change at once. An invalid result is reported under the one ``--set`` without which
+    the rest would be valid, when there is such a one, else under all of them."""
+    try:
+        return recipe_from_dict(apply_overrides(data, overrides), "--set " + " --set ".join(overrides))
+    except UsemaError as combined_error:
+        for i, text in enumerate(overrides):
+            others = [*overrides[:i], *overrides[i + 1:]]
+            try:
+                recipe_from_dict(apply_overrides(data, others), "others")
+            except UsemaError:
+                continue
+            recipe_from_dict(apply_overrides(data, [text]), f"--set {text}")  # raises, naming this --set
+            break
+        raise combined_error from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (the later one would win silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable keys are refused by the recipe's type checks
+            if key in seen:
+                raise UsemaError(f"{self.name}: {key}: key given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Plain data from YAML text (safe types only); a duplicate key is a UsemaError naming ``source``."""
+    loader = _StrictLoader(text)
+    loader.name = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def dump_recipe(recipe: Recipe) -> str:

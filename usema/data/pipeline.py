@@ -22,11 +22,17 @@ import numpy as np
 import torch
 from monai.transforms import (
     Compose,
+    RandAdjustContrastd,
     RandAffined,
     RandFlipd,
     RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandRotated,
     RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
+    RandSimulateLowResolutiond,
+    RandZoomd,
     SpatialPadd,
 )
 
@@ -82,18 +88,30 @@ def make_case(name: str, image: np.ndarray, label: np.ndarray, cache: bool = Tru
     return TrainCase(name, None, None, locations, tuple(label.shape), loader)
 
 
-def augmentation(patch_size: Sequence[int]) -> Compose:
-    """Pad to ``patch_size`` then nnU-Net-like light augmentation, on {"image": (C,*p), "label": (1,*p)}.
+AUGMENTATIONS = ("nnunet", "light", "none")
 
-    Rotation +-15 deg and scaling +-15% (p=0.2), flips along every axis (p=0.5 each), intensity
-    scale/shift (p=0.15), gaussian noise (p=0.1).
+
+def augmentation(patch_size: Sequence[int], scheme: str = "light") -> Compose:
+    """Pad to ``patch_size``, then augment {"image": (C,*p), "label": (1,*p)} with ``scheme``.
+
+    - "nnunet": nnU-Net v2's default training set (``nnunet_transforms``).
+    - "light": rotation +-15 deg and scaling +-15% (p=0.2), flips along every axis (p=0.5 each), intensity
+      scale/shift (p=0.15), gaussian noise (p=0.1).
+    - "none": padding only.
     """
+    pad = SpatialPadd(KEYS, spatial_size=list(patch_size), mode="constant")
+    if scheme == "none":
+        return Compose([pad])
+    if scheme == "nnunet":
+        return Compose([pad, *nnunet_transforms(len(patch_size))])
+    if scheme != "light":
+        raise ValueError(f"augmentation scheme {scheme!r}: expected one of {AUGMENTATIONS}")
     ndim = len(patch_size)
     angle = math.radians(15)
     rotate = (angle,) if ndim == 2 else (angle, angle, angle)
     return Compose(
         [
-            SpatialPadd(KEYS, spatial_size=list(patch_size), mode="constant"),
+            pad,
             RandAffined(KEYS, prob=0.2, rotate_range=rotate, scale_range=(0.15,) * ndim,
                         mode=("bilinear", "nearest"), padding_mode="zeros"),
             *[RandFlipd(KEYS, prob=0.5, spatial_axis=axis) for axis in range(ndim)],
@@ -102,6 +120,36 @@ def augmentation(patch_size: Sequence[int]) -> Compose:
             RandGaussianNoised("image", prob=0.1, std=0.1),
         ]
     )
+
+
+def nnunet_transforms(ndim: int) -> list:
+    """nnU-Net v2's default augmentation (nnUNetTrainer), in its order, from MONAI transforms.
+
+    Rotation (2D: full circle; 3D: +-30 deg per axis) p=0.2 and scaling 0.7-1.4 p=0.2 are drawn independently,
+    as in nnU-Net (which resamples both in one step; here the 4% of patches that draw both are interpolated
+    twice); no elastic deformation. Then gaussian noise (variance up to
+    0.1, i.e. std up to 0.316) p=0.1, gaussian blur (sigma 0.5-1) p=0.2, multiplicative brightness 0.75-1.25
+    p=0.15, contrast 0.75-1.25 around the mean keeping the value range p=0.15, simulated low resolution (zoom
+    0.5-1) p=0.25, gamma 0.7-1.5 on the inverted image p=0.1 and on the image p=0.3 (both keeping mean and
+    std), mirroring along every axis p=0.5 each.
+    """
+    angle = math.pi if ndim == 2 else math.radians(30)
+    ranges = {"range_x": angle} if ndim == 2 else {"range_x": angle, "range_y": angle, "range_z": angle}
+    sigma = {f"sigma_{axis}": (0.5, 1.0) for axis in "xyz"[:ndim]}
+    return [
+        RandRotated(KEYS, prob=0.2, mode=("bilinear", "nearest"), padding_mode="zeros", **ranges),
+        RandZoomd(KEYS, prob=0.2, min_zoom=0.7, max_zoom=1.4, mode=("bilinear", "nearest"), padding_mode="constant",
+                  keep_size=True),
+        RandGaussianNoised("image", prob=0.1, std=math.sqrt(0.1), sample_std=True),
+        RandGaussianSmoothd("image", prob=0.2, **sigma),
+        RandScaleIntensityd("image", factors=(-0.25, 0.25), prob=0.15),
+        RandScaleIntensityFixedMeand("image", factors=0.25, fixed_mean=True, preserve_range=True, prob=0.15),
+        RandSimulateLowResolutiond("image", prob=0.25, zoom_range=(0.5, 1.0),
+                                   upsample_mode="bicubic" if ndim == 2 else "trilinear"),
+        RandAdjustContrastd("image", prob=0.1, gamma=(0.7, 1.5), invert_image=True, retain_stats=True),
+        RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5), invert_image=False, retain_stats=True),
+        *[RandFlipd(KEYS, prob=0.5, spatial_axis=axis) for axis in range(ndim)],
+    ]
 
 
 def _sample_seed(seed: int, index: int) -> np.random.Generator:
@@ -116,7 +164,7 @@ class PatchDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, cases: Sequence[TrainCase], patch_size: Sequence[int], spatial_dims: int, slice_axis: int = 2,
-                 fg_oversample: float = 0.33, seed: int = 0, length: int = 1) -> None:
+                 fg_oversample: float = 0.33, seed: int = 0, length: int = 1, augment: str = "light") -> None:
         if not cases:
             raise ValueError("PatchDataset needs at least one training case")
         self.cases = list(cases)
@@ -126,7 +174,7 @@ class PatchDataset(torch.utils.data.Dataset):
         self.fg_oversample = fg_oversample
         self.seed = seed
         self.length = length
-        self.transform = augmentation(self.patch_size)
+        self.transform = augmentation(self.patch_size, augment)
 
     def __len__(self) -> int:
         return self.length

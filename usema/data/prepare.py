@@ -17,8 +17,11 @@ from usema.config import Recipe
 from usema.data import demos, nnunet
 from usema.data.pipeline import PatchDataset, TrainCase, make_case
 from usema.data.preprocess import CT_SAMPLE_BUDGET, CT_STATS_KEYS, foreground_sample, normalize, stats_from_samples
+from usema.data.resample import resample_image, resample_labels, target_shape
+from usema.data.splits import fold_cases, load_or_create_splits
 from usema.errors import UsemaError
 from usema.io.files import atomic_write_text
+from usema.io.labels import geometry_spacing
 
 NORM_STATS_FILE = "norm_stats.json"
 
@@ -77,7 +80,7 @@ def _dataset_length(recipe: Recipe) -> int:
 def _patch_dataset(recipe: Recipe, cases: list[TrainCase]) -> PatchDataset:
     d = recipe.data
     return PatchDataset(cases, d.patch_size, d.spatial_dims, d.slice_axis, d.fg_oversample,
-                        recipe.train.seed, _dataset_length(recipe))
+                        recipe.train.seed, _dataset_length(recipe), augment=d.augmentation)
 
 
 def _demo_stats(recipe: Recipe, image: np.ndarray, label: np.ndarray, work_dir: Path, name: str) -> dict | None:
@@ -140,12 +143,34 @@ class _NnunetLoader:
     """Decodes and normalises one case on demand (picklable, for DataLoader workers when caching is off)."""
 
     def __init__(self, ds: nnunet.NnunetDataset, case: nnunet.NnunetCase, labels: dict, scheme: str,
-                 stats: dict | None) -> None:
+                 stats: dict | None, target_spacing: list[float | None] | None) -> None:
         self.ds, self.case, self.labels, self.scheme, self.stats = ds, case, labels, scheme, stats
+        self.target_spacing = target_spacing
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray]:
-        loaded = nnunet.load_case(self.ds, self.case, self.labels)
-        return normalize(loaded.image, self.scheme, self.stats, self.case.name), _small_int(loaded.label)
+        image, label = at_target_spacing(nnunet.load_case(self.ds, self.case, self.labels), self.target_spacing)
+        return normalize(image, self.scheme, self.stats, self.case.name), _small_int(label)
+
+
+def at_target_spacing(loaded: nnunet.LoadedCase, target: list[float | None] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(image, label) of a case resampled to ``data.target_spacing`` (unchanged when it is null)."""
+    if target is None:
+        return loaded.image, loaded.label
+    spacing = geometry_spacing(loaded.geometry)
+    if len(spacing) != len(target):
+        raise UsemaError(f"{loaded.name}: data.target_spacing has {len(target)} entries but the image has "
+                         f"{len(spacing)} axes; expected one spacing per image axis")
+    shape = target_shape(loaded.label.shape, spacing, target)
+    kept = [a for a, t in enumerate(target) if t is None]
+    return resample_image(loaded.image, spacing, target), resample_labels(loaded.label, shape, kept)
+
+
+def _split(recipe: Recipe, root: Path, names: list[str], work_dir: Path) -> tuple[list[str], list[str]]:
+    """(train, val) cases: the recipe's cross-validation fold, else the seeded ``val_fraction`` hold-out."""
+    if recipe.train.fold is None:
+        return split_cases(names, recipe.data.val_fraction, recipe.train.seed)
+    folds, path = load_or_create_splits(root, names, work_dir)
+    return fold_cases(folds, recipe.train.fold, path)
 
 
 def _check_dims(recipe: Recipe, loaded: nnunet.LoadedCase, path: Path) -> None:
@@ -165,7 +190,7 @@ def _prepare_nnunet(recipe: Recipe, work_dir: Path) -> PreparedData:
         raise UsemaError(f"{ds.root / 'imagesTr'}: expected training cases CASE_0000{ds.file_ending}, found none")
     labels = _labels(recipe, ds.labels, str(ds.root / "dataset.json"))
     by_name = {c.name: c for c in ds.train}
-    train_names, val_names = split_cases(list(by_name), d.val_fraction, recipe.train.seed)
+    train_names, val_names = _split(recipe, ds.root, list(by_name), work_dir)
     fingerprint = {"root": str(ds.root.resolve()), "cases": train_names}
     stats = _cached_stats(work_dir, fingerprint) if d.normalization == "ct" else None
     need_stats = d.normalization == "ct" and stats is None
@@ -175,23 +200,24 @@ def _prepare_nnunet(recipe: Recipe, work_dir: Path) -> PreparedData:
     for name in train_names:
         loaded = nnunet.load_case(ds, by_name[name], labels)
         _check_dims(recipe, loaded, by_name[name].images[0])
+        image, label = at_target_spacing(loaded, d.target_spacing)
         if need_stats:
-            samples.append(foreground_sample(loaded.image, loaded.label, budget, rng, name))
-        raw_cases.append((name, loaded.image if d.cache else None, loaded.label))
+            samples.append(foreground_sample(image, label, budget, rng, name))
+        raw_cases.append((name, image if d.cache else None, label))
     if need_stats:
         stats = stats_from_samples(samples)
         _save_stats(work_dir, stats, fingerprint)
     cases = []
     while raw_cases:  # pop so that each raw volume is freed once normalised
         name, image, label = raw_cases.pop(0)
-        loader = _NnunetLoader(ds, by_name[name], labels, d.normalization, stats)
+        loader = _NnunetLoader(ds, by_name[name], labels, d.normalization, stats, d.target_spacing)
         normalised = normalize(image, d.normalization, stats, name) if image is not None else None
         cases.append(make_case(name, normalised, label, cache=d.cache, loader=loader))
     val_cases = []
     for name in val_names:
-        loaded = nnunet.load_case(ds, by_name[name], labels)
-        image = normalize(loaded.image, d.normalization, stats, name)
-        val_cases.append({"name": name, "image": image, "label": _small_int(loaded.label)})
+        image, label = at_target_spacing(nnunet.load_case(ds, by_name[name], labels), d.target_spacing)
+        val_cases.append({"name": name, "image": normalize(image, d.normalization, stats, name),
+                          "label": _small_int(label)})
     in_channels = len(ds.channel_names)
     return PreparedData(_patch_dataset(recipe, cases), val_cases, labels, in_channels, stats)
 

@@ -1,0 +1,65 @@
+"""Peak forward memory, each measurement in a fresh process (VmHWM is per process)."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+from typing import Sequence
+
+import torch
+
+from usema.bench.networks import build_bench_network, make_input
+
+def _proc_status_mib(*keys: str) -> dict[str, float]:
+    values = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in keys:
+                values[key] = int(rest.split()[0]) / 1024  # kB -> MiB
+    return values
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux clear_refs 5); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_probe(name: str, spatial_dims: int, size: int, threads: int) -> dict[str, float | bool]:
+    """Peak memory of one no-grad forward in this process (meant to run in a fresh subprocess).
+
+    ``baseline_mib`` is the resident memory after imports, model construction and input creation;
+    ``forward_mib`` the VmHWM rise above it during the forward; ``process_peak_mib`` the VmHWM at the end.
+    """
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_bench_network(name, spatial_dims, size).eval()
+    x = make_input(spatial_dims, size)
+    gc.collect()
+    reset = _reset_peak_rss()
+    before = _proc_status_mib("VmRSS", "VmHWM")
+    baseline = before["VmRSS"] if reset else before["VmHWM"]
+    with torch.no_grad():
+        model(x)
+    peak = _proc_status_mib("VmHWM")["VmHWM"]
+    return {"baseline_mib": baseline, "forward_mib": peak - baseline, "process_peak_mib": peak, "hwm_reset": reset}
+
+
+def measure_peak_memory(
+    probes: Sequence[tuple[str, int, int]], threads: int
+) -> list[dict[str, float | bool]]:
+    """``memory_probe`` for each (name, spatial_dims, size), each in a fresh process, results in order.
+
+    VmHWM is per process (and ru_maxrss would inherit this process's peak), so every measurement gets a new
+    child, forked from a server that has imported torch and the networks once (importing MONAI takes seconds)
+    and has run no torch op, so no thread pool is inherited.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["usema.bench.memory", "usema.nets"])
+    with context.Pool(1, maxtasksperchild=1) as pool:
+        return [pool.apply(memory_probe, (name, dims, size, threads)) for name, dims, size in probes]

@@ -1,0 +1,55 @@
+"""What `usema bench` measures by default, and its configuration (no torch import: the CLI reads it)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from usema.errors import UsemaError
+
+REFERENCE = "dynunet"
+IN_CHANNELS = 1
+OUT_CHANNELS = 4
+DEFAULT_NETS = {
+    2: ("usema-tiny", "usema-small", "usema-base", "dynunet", "swinunetr", "unetr", "basicunet"),
+    3: ("usema-tiny", "usema-small", "usema-base", "dynunet", "basicunet"),
+}
+PEERS = ("dynunet", "swinunetr", "unetr", "basicunet", "segresnet")
+USEMA_PRESETS = ("tiny", "small", "base")
+DEFAULT_SIZES = {2: (256, 512, 1024), 3: (64, 96, 128)}
+DEFAULT_TRAIN_SIZE = {2: 256, 3: 64}
+QUICK_SIZE = {2: 64, 3: 64}
+# five stride-2 levels (DynUNet, USEMA) must leave >= 2 pixels per side for instance norm
+MIN_SIZE = 64
+# input sides must be multiples of the ViT patch (UNETR) or of patch * 2**stages (SwinUNETR)
+SIZE_DIVISOR = {"unetr": 16, "swinunetr": 32}
+
+
+
+def parse_net(name: str) -> tuple[str, str]:
+    """'usema-small' -> ('usema', 'small'); a peer name -> (name, 'base')."""
+    family, _, preset = name.partition("-")
+    if family == "usema" and preset in USEMA_PRESETS:
+        return family, preset
+    if name in PEERS:
+        return name, "base"
+    choices = ", ".join([f"usema-{p}" for p in USEMA_PRESETS] + list(PEERS))
+    raise UsemaError(f"--nets: unknown network {name!r}; expected some of {choices}")
+
+
+
+@dataclass
+class BenchConfig:
+    """What to measure. ``repeats`` timed rounds follow one warm-up round."""
+
+    spatial_dims: int = 2
+    sizes: tuple[int, ...] = DEFAULT_SIZES[2]
+    nets: tuple[str, ...] = DEFAULT_NETS[2]
+    repeats: int = 5
+    largest_repeats: int | None = None
+    """Rounds at the largest size (None: ``repeats``); the slowest nets dominate the run time there."""
+    train_size: int = DEFAULT_TRAIN_SIZE[2]
+    train_batch: int = 2
+    train_repeats: int = 5
+    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    memory: bool = True

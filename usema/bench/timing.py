@@ -1,0 +1,52 @@
+"""Latency and training-step timing in interleaved rounds (so machine noise hits every network alike)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+def _timed(step: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def interleaved_rounds(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each step over ``repeats`` rounds; round r calls every step once, in order.
+
+    Interleaving makes every network see the same slow phases of a shared machine, so ratios stay fair.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(_timed(step))
+    return times
+
+
+def forward_step(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    model.eval()
+
+    def step() -> object:
+        with torch.no_grad():
+            return model(x)
+
+    return step
+
+
+def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], object]:
+    """One SGD step on cross-entropy; the network is built without deep supervision (plain logits)."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> object:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), target)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
