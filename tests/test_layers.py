@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "evaluation": 3,
     "run": 4,
     "planning": 4,
+    "comparison": 4,
     "inference": 5,
     "training": 6,
     "bundle": 6,

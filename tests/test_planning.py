@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -100,18 +101,29 @@ def test_2d_plan_slices_the_coarsest_axis_and_keeps_the_median_patch_when_it_fit
     assert plan.overrides == {}
 
 
-def test_patch_shrinks_along_its_largest_axis_until_batch_two_fits():
+def test_patch_shrinks_keeping_the_median_aspect_until_batch_two_fits():
     fp = fingerprint([((400, 300, 50), (0.8, 0.8, 3.0))] * 3)
     budget = 0.0001  # GiB: about 230 × 230 voxels at batch 2
     estimate, calls = linear_memory(bytes_per_voxel=1.0, fixed=0)
     plan = plan_experiment(fp, 2, budget_gib=budget, estimate=estimate)
-    limit = budget * 1024**3
-    assert 2 * np.prod(plan.patch_size) <= limit
+    assert 2 * np.prod(plan.patch_size) <= budget * 1024**3
+    assert calls[0][0] == [416, 320]  # the median shape rounded up to the 32-voxel stride
+    stride = 2 ** (plan.stages - 1)
+    # one stride at a time from the side with the largest patch / median ratio: the aspect of 400 × 300 is kept
+    assert plan.patch_size == [256, 192]
+    assert abs(plan.patch_size[0] / 400 - plan.patch_size[1] / 300) <= stride / 300
+    assert all(p % stride == 0 for p in plan.patch_size)
+
+
+def test_3d_patch_starts_from_a_box_isotropic_in_millimetres():
+    """nnU-Net's initial 3D patch: 256³ voxels' worth, isotropic in mm, capped by the median shape."""
+    fp = fingerprint([((512, 512, 400), (0.8, 0.8, 2.0))] * 2)
+    estimate, calls = linear_memory(bytes_per_voxel=1.0, fixed=0)
+    plan_experiment(fp, 3, budget_gib=64, estimate=estimate)
     first = calls[0][0]
-    assert first == [416, 320]
-    # each step removed one stride from the largest side: the sides end within one stride of each other
-    assert abs(plan.patch_size[0] - plan.patch_size[1]) <= 2 ** (plan.stages - 1)
-    assert all(p % 2 ** (plan.stages - 1) == 0 for p in plan.patch_size)
+    # sides ∝ 1/spacing with a product of 256³: 2.5 : 2.5 : 1, i.e. about 347 × 347 × 139 voxels
+    assert first[0] == first[1] and 2.0 < first[0] / first[2] < 2.8  # (after rounding up to the stride)
+    assert 0.8 * 256**3 < np.prod(first) < 1.3 * 256**3
 
 
 def test_batch_fills_the_budget_but_stays_within_five_percent_of_the_voxels():
@@ -198,3 +210,34 @@ def test_plan_refuses_a_bad_output_name(ct_dataset, tmp_path, capsys):
     assert main(["plan", str(ct_dataset), "--output", str(tmp_path / "r.txt")]) == 2
     assert capsys.readouterr().err.startswith("usema: error: --output: expected a .yaml recipe file name")
     assert not (tmp_path / "fingerprint.json").exists()
+
+
+def test_replanning_from_a_stored_fingerprint_gives_the_same_recipe(ct_dataset, tmp_path):
+    first = tmp_path / "a" / "r.yaml"
+    assert main(["plan", str(ct_dataset), "--preset", "tiny", "--output", str(first)]) == 0
+    again = tmp_path / "b" / "r.yaml"
+    argv = ["plan", str(ct_dataset), "--preset", "tiny", "--fingerprint", str(first.parent / "fingerprint.json"),
+            "--output", str(again)]
+    assert main(argv) == 0
+    strip = lambda p: [line for line in p.read_text().splitlines() if "Planned by" not in line]  # noqa: E731
+    assert strip(again) == strip(first)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("[]", "expected the keys dataset, cases, channel_names and labels"),
+        ('{"dataset": "d", "channel_names": {"0": "CT"}, "labels": {"0": "bg"}, "cases": []}', "cases: expected a non"),
+        ('{"dataset": "d", "channel_names": {"0": "CT"}, "labels": {"0": "bg"}, '
+         '"cases": [{"shape": [10, 10], "spacing": [0, 1]}]}', r"cases\[0\]: expected a shape of positive integers"),
+        ('{"dataset": "d", "channel_names": {"0": "CT"}, "labels": {"100000000": "bg"}, '
+         '"cases": [{"shape": [10, 10], "spacing": [1, 1]}]}', "labels: expected a mapping from class values"),
+    ],
+)
+def test_a_malformed_fingerprint_is_refused(tmp_path, capsys, content, expected):
+    fp = tmp_path / "fp.json"
+    fp.write_text(content)
+    assert main(["plan", "Dataset_X", "--fingerprint", str(fp), "--output", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usema: error: ") and re.search(expected, err)
+    assert not (tmp_path / "r.yaml").exists()

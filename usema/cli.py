@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("usema.bundle.command", "export a trained run as a MONAI Bundle"),
     "bench": ("usema.bench.command", "cost of USEMA vs. MONAI networks: params, GFLOPs, latency, memory, train step"),
     "datasets": ("usema.data.command", "inspect nnU-Net dataset folders; export the demo data"),
+    "compare": (
+        "usema.comparison.command",
+        "paired per-case comparison of two methods: Wilcoxon p, bootstrap CI, seed spread",
+    ),
     "plan": (
         "usema.planning.command",
         "fingerprint an nnU-Net dataset and plan a recipe (spacing, patch, batch, stages) for a memory budget",

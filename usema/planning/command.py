@@ -25,6 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="memory budget of one training step in GiB (default 8, nnU-Net's reference)")
     parser.add_argument("--preset", choices=("tiny", "small", "base"), default="base", help="USEMA size (default base)")
     parser.add_argument("--name", help="run name in the recipe (default: the dataset folder name and dims)")
+    parser.add_argument("--fingerprint", type=Path, metavar="JSON",
+                        help="plan from this stored fingerprint.json instead of reading the images again")
     parser.add_argument("--output", "-o", required=True, type=Path, help="recipe file to write (.yaml)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing recipe and fingerprint")
     parser.set_defaults(func=run)
@@ -32,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from usema.config import load_yaml, recipe_from_dict  # noqa: PLC0415 - heavy imports only when planning
-    from usema.planning.fingerprint import fingerprint_dataset  # noqa: PLC0415
+    from usema.planning.fingerprint import fingerprint_dataset, read_fingerprint  # noqa: PLC0415
     from usema.planning.memory import training_memory_bytes  # noqa: PLC0415
     from usema.planning.planner import plan_experiment  # noqa: PLC0415
     from usema.planning.recipe_text import recipe_text  # noqa: PLC0415
@@ -43,9 +45,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.gpu_memory > 0:
         raise UsemaError(f"--gpu-memory: expected a positive number of GiB, got {args.gpu_memory}")
     fingerprint_path = output.parent / "fingerprint.json"
-    refuse_existing([output, fingerprint_path], args.overwrite, "plan")
+    refuse_existing([output, *([] if args.fingerprint == fingerprint_path else [fingerprint_path])], args.overwrite,
+                    "plan")
     ensure_writable_dir(output.parent, "folder for the recipe")
-    fingerprint = fingerprint_dataset(args.dataset)
+    fingerprint = read_fingerprint(args.fingerprint) if args.fingerprint else fingerprint_dataset(args.dataset)
     channels = len(fingerprint["channel_names"])
     classes = max(int(k) for k in fingerprint["labels"]) + 1
 
@@ -57,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or f"{fingerprint['dataset']}_{args.dims}d"
     text = recipe_text(plan, fingerprint, str(args.dataset), name)
     recipe_from_dict(load_yaml(text, str(output)), str(output))  # only a recipe `usema train` accepts is written
-    atomic_write_text(fingerprint_path, json.dumps(fingerprint, indent=1) + "\n")
+    if args.fingerprint != fingerprint_path:
+        atomic_write_text(fingerprint_path, json.dumps(fingerprint, indent=1) + "\n")
     atomic_write_text(output, text)
     print(f"usema plan: wrote {output} and {fingerprint_path}")
     print(text, end="")

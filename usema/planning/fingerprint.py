@@ -3,12 +3,14 @@ statistics (sampled) and class voxel counts. JSON-ready plain data."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from usema.data.nnunet import load_case, scan_dataset
+from usema.data.nnunet import MAX_CLASSES, load_case, scan_dataset
 from usema.data.preprocess import foreground_sample
 from usema.errors import UsemaError
 from usema.io.labels import geometry_spacing
@@ -66,3 +68,33 @@ def fingerprint_dataset(root: str | Path, seed: int = 1234) -> dict[str, Any]:
         "intensity": {str(c): channel_statistics(np.concatenate(s)) for c, s in samples.items()},
         "class_voxels": {str(k): int(class_voxels[k]) for k in ds.labels},
     }
+
+
+def read_fingerprint(path: Path) -> dict[str, Any]:
+    """A stored fingerprint.json, with what planning reads checked (cases with positive shapes and spacings)."""
+    if not path.is_file():
+        raise UsemaError(f"{path}: expected a fingerprint.json written by `usema plan`")
+    try:
+        fingerprint = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsemaError(f"{path}: expected JSON ({' '.join(str(exc).split())})") from None
+    if not isinstance(fingerprint, dict) or not {"dataset", "cases", "channel_names", "labels"} <= fingerprint.keys():
+        raise UsemaError(f"{path}: expected the keys dataset, cases, channel_names and labels")
+    cases = fingerprint["cases"]
+    if not isinstance(cases, list) or not cases:
+        raise UsemaError(f"{path}: cases: expected a non-empty list")
+    for i, case in enumerate(cases):
+        shape, spacing = (case.get("shape"), case.get("spacing")) if isinstance(case, dict) else (None, None)
+        valid = isinstance(shape, list) and isinstance(spacing, list) and 2 <= len(shape) == len(spacing) <= 3
+        if not valid or not all(isinstance(s, int) and 0 < s < 2**31 for s in shape) or not all(
+                isinstance(s, (int, float)) and math.isfinite(s) and s > 0 for s in spacing):
+            raise UsemaError(f"{path}: cases[{i}]: expected a shape of positive integers and a spacing of positive "
+                             "numbers, one per axis (2 or 3)")
+    labels, channels = fingerprint["labels"], fingerprint["channel_names"]
+    if not isinstance(labels, dict) or not all(str(k).isdigit() and int(k) <= MAX_CLASSES for k in labels):
+        raise UsemaError(f"{path}: labels: expected a mapping from class values 0..{MAX_CLASSES} to names")
+    if not isinstance(channels, dict) or not channels:
+        raise UsemaError(f"{path}: channel_names: expected a non-empty mapping from channel index to name")
+    if len({len(c["shape"]) for c in cases}) != 1:
+        raise UsemaError(f"{path}: cases: expected every case to have the same number of axes")
+    return fingerprint

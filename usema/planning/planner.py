@@ -6,8 +6,10 @@ Rules (nnU-Net v2's ExperimentPlanner, adapted where USEMA differs; docs/recipes
   > 3 × the smallest, and that axis holds < 1/3 of the voxels of the others), that axis gets the 10th percentile
   instead (at least the largest in-plane spacing). A 2D plan slices along the coarsest axis and resamples in-plane
   only.
-- the patch starts at the median shape at target spacing (in-plane for 2D) and is shrunk along its largest axis,
-  one network stride at a time, until a training step with batch 2 fits the budget (``memory``);
+- the patch starts at the median shape at target spacing (in-plane for 2D), at most a box of 256³ (3D) or 2048²
+  (2D) voxels that is isotropic in millimetres, and is shrunk one network stride at a time along the axis with
+  the largest patch / median-shape ratio (so the aspect of the median shape is kept; ties: the longest side) until
+  a training step with batch 2 fits the budget (``memory``);
 - stages: as many as the preset has, fewer when the bottleneck would be under 4 voxels per side; USEMA pools all
   axes together, so every side is a multiple of 2^(stages - 1);
 - batch size: as many as fit the budget, at least 2, at most 5% of the dataset's voxels per batch.
@@ -29,6 +31,8 @@ MIN_BOTTLENECK = 4
 MIN_BATCH = 2
 MAX_BATCH_FRACTION = 0.05
 GIB = 1024**3
+# nnU-Net's initial patch: this many voxels, isotropic in millimetres, before the median shape caps it
+INITIAL_PATCH_VOXELS = {2: 2048**2, 3: 256**3}
 # channel names (dataset.json channel_names, lower case) that choose a normalisation, as nnU-Net's
 CT_NAMES = {"ct"}
 RGB_NAMES = {"rgb", "rgb_to_0_1", "r", "g", "b", "red", "green", "blue"}
@@ -131,9 +135,11 @@ def plan_experiment(
         axes.remove(slice_axis)
         target = np.median(spacings, axis=0)  # in-plane only: the slice axis is never resampled
     median_shape = np.median(shapes * spacings / target, axis=0)[axes]
+    initial = np.minimum(median_shape, initial_box(target[axes]))
     budget = int(budget_gib * GIB)
     max_stages = len(PRESETS[spatial_dims][preset].features)
-    patch, stages, memory, overrides = _fit_patch(median_shape, spatial_dims, preset, max_stages, budget, estimate)
+    patch, stages, memory, overrides = _fit_patch(initial, median_shape, spatial_dims, preset, max_stages, budget,
+                                                  estimate)
     total_voxels = float(np.prod(shapes * spacings / target, axis=1).sum())
     cap = max(MIN_BATCH, int(MAX_BATCH_FRACTION * total_voxels / np.prod(patch)))
     batch = _fit_batch(patch, overrides, memory, budget, estimate, cap)
@@ -148,11 +154,18 @@ def plan_experiment(
     )  # fmt: skip
 
 
+def initial_box(spacing: np.ndarray) -> np.ndarray:
+    """Sides (voxels) of a box isotropic in millimetres holding INITIAL_PATCH_VOXELS voxels at ``spacing``."""
+    per_mm = 1.0 / np.asarray(spacing, float)
+    return per_mm * (INITIAL_PATCH_VOXELS[len(per_mm)] / np.prod(per_mm)) ** (1.0 / len(per_mm))
+
+
 def _fit_patch(
-    median_shape: np.ndarray, spatial_dims: int, preset: str, max_stages: int, budget: int, estimate: MemoryEstimate
+    initial: np.ndarray, median_shape: np.ndarray, spatial_dims: int, preset: str, max_stages: int, budget: int,
+    estimate: MemoryEstimate,
 ) -> tuple[list[int], int, int, dict[str, Any]]:
-    """Shrink the median shape along its largest axis, a stride at a time, until batch 2 fits ``budget``."""
-    patch = [max(float(s), 1.0) for s in median_shape]
+    """Shrink ``initial`` a stride at a time (largest patch / median ratio first) until batch 2 fits ``budget``."""
+    patch = [max(float(s), 1.0) for s in initial]
     while True:
         stages = stages_for(patch, max_stages)
         stride = 2 ** (stages - 1)
@@ -161,11 +174,11 @@ def _fit_patch(
         memory = estimate(rounded, MIN_BATCH, overrides)
         if memory <= budget:
             return rounded, stages, memory, overrides
-        axis = int(np.argmax(rounded))
+        ratios = [p / max(m, 1.0) for p, m in zip(patch, median_shape)]
+        axis = max(range(len(patch)), key=lambda a: (round(ratios[a], 6), patch[a]))
         if rounded[axis] <= MIN_BOTTLENECK:
             raise UsemaError(f"--gpu-memory: {budget / GIB:.1f} GiB cannot hold a training step of batch {MIN_BATCH} "
                              f"even at patch {rounded}; expected a larger budget or a smaller preset")
-        patch = [float(p) for p in rounded]
         patch[axis] = max(rounded[axis] - stride, MIN_BOTTLENECK)
 
 
