@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "usema"
 LAYERS: dict[str, int] = {
     "errors": 0,
     "faults": 0,
+    "threads": 0,
     "io": 1,
     "nets": 1,
     "config": 2,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from usema.bench.settings import DEFAULT_NETS, DEFAULT_SIZES, DEFAULT_TRAIN_SIZE, QUICK_SIZE, BenchConfig, parse_net
 from usema.errors import UsemaError
+from usema.threads import usable_cpus
 from usema.io.files import atomic_write_text, ensure_writable_dir, refuse_existing
 
 def _config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -33,7 +34,7 @@ def _config_from_args(args: argparse.Namespace) -> BenchConfig:
         train_size=train_size,
         train_batch=args.train_batch,
         train_repeats=0 if args.no_train else repeats,
-        threads=args.threads or len(os.sched_getaffinity(0)),
+        threads=args.threads or usable_cpus(),
         memory=not args.no_memory,
     )
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import os
 import platform
 import statistics
 import sys
@@ -20,6 +19,7 @@ from usema.bench.memory import measure_peak_memory
 from usema.bench.networks import build_all, check_sizes, make_input
 from usema.bench.settings import OUT_CHANNELS, REFERENCE, BenchConfig
 from usema.bench.timing import forward_step, interleaved_rounds, train_step
+from usema.threads import usable_cpus
 
 def scaling_slope(pixels: Sequence[float], values: Sequence[float]) -> float | None:
     """Least-squares slope of log(value) against log(pixel count); 1.0 = linear cost. None below 2 sizes."""
@@ -119,7 +119,7 @@ def _machine() -> dict[str, Any]:
         pass
     return {
         "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": usable_cpus(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),

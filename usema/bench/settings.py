@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from usema.errors import UsemaError
+from usema.threads import usable_cpus
 
 REFERENCE = "dynunet"
 IN_CHANNELS = 1
@@ -51,5 +51,5 @@ class BenchConfig:
     train_size: int = DEFAULT_TRAIN_SIZE[2]
     train_batch: int = 2
     train_repeats: int = 5
-    threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    threads: int = field(default_factory=lambda: usable_cpus())
     memory: bool = True

@@ -40,12 +40,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing results in --output")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="CPU threads (default: the CPUs this process may use, by affinity and cgroup quota)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from usema.inference.pipeline import InferenceOptions, run_inference  # noqa: PLC0415 - heavy imports
+    from usema.threads import configure_threads  # noqa: PLC0415
 
+    configure_threads(args.threads)
     options = InferenceOptions(
         device=args.device,
         overlap=args.overlap,

@@ -1,0 +1,48 @@
+"""Thread counts follow the CPUs a process may use (affinity, cgroup quota), not the host's core count."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from usema.threads import cgroup_cpu_limit, configure_threads, usable_cpus
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+        ({"cpu.max": "garbage"}, None),
+    ],
+    ids=["v2-unlimited", "v2-1.5", "v1-0.5", "v1-unlimited", "none", "unreadable"],
+)
+def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_limit(tmp_path) == expected
+
+
+def test_usable_cpus_is_the_affinity_capped_by_the_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    assert usable_cpus(tmp_path) == 8  # no quota files
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert usable_cpus(tmp_path) == 3  # 2.5 CPUs of quota: 3 threads, never more than the affinity
+    (tmp_path / "cpu.max").write_text("20000 100000\n")
+    assert usable_cpus(tmp_path) == 1
+
+
+def test_configure_threads_sets_torch(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr("usema.threads.usable_cpus", lambda: 2)
+        assert configure_threads(None) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
