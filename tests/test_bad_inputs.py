@@ -406,20 +406,22 @@ def test_output_below_a_regular_file_is_refused(command, ckpt, volume, tmp_path,
     assert blocker.read_text() == "not a folder"
 
 
-@pytest.mark.parametrize("command", ["infer", "train", "evaluate"])
+@pytest.mark.parametrize("command", ["infer", "train", "evaluate", "export"])
 def test_read_only_output_folder_is_refused(command, ckpt, volume, tmp_path, capsys) -> None:
+    """An immutable folder (``chattr +i``) refuses every write, root's included, as a read-only mount would."""
     out = tmp_path / "locked"
     out.mkdir()
-    out.chmod(0o500)
+    subprocess.run(["chattr", "+i", str(out)], check=True)
     try:
-        if os.access(out, os.W_OK):
-            pytest.skip("running as root: permissions do not stop writes")
-        target = out if command != "evaluate" else out / "e.json"
+        with pytest.raises(PermissionError):  # guards the test: the folder really is read-only for this user
+            (out / "probe").touch()
+        target = {"evaluate": out / "e.json", "export": out / "bundle"}.get(command, out)
         argv = _commands(ckpt, volume, out)[command]
         argv[argv.index("--output") + 1] = str(target)
         refused(argv, capsys, str(out), "not writable")
+        assert list(out.iterdir()) == []
     finally:
-        out.chmod(0o700)
+        subprocess.run(["chattr", "-i", str(out)], check=True)
 
 
 def test_disk_full_while_writing_a_result_keeps_the_previous_one(ckpt, volume, tmp_path, capsys, monkeypatch):
@@ -440,13 +442,17 @@ def test_disk_full_while_exporting_keeps_the_previous_bundle(ckpt, tmp_path, cap
     bundle = tmp_path / "bundle"
     (bundle / "models").mkdir(parents=True)
     (bundle / "models" / "model.pt").write_bytes(b"previous bundle")
+    (bundle / "configs").mkdir()  # the marker files that make it recognisably a previous bundle
+    for name in ("metadata.json", "usema.json"):
+        (bundle / "configs" / name).write_text("{}")
+    before = files(bundle)
 
     def disk_full(obj: object, f: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
     refused(["export", str(ckpt), "--output", str(bundle), "--overwrite"], capsys, str(bundle), "No space left")
-    assert files(bundle) == {"models/model.pt": b"previous bundle"}
+    assert files(bundle) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # the half-built bundle is gone
 
 

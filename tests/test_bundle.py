@@ -14,7 +14,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from usema.bundle.export import ALLOWED_EXPRESSIONS, detect_input_format, export_bundle, normalization_transforms
+from usema.bundle.configs import ALLOWED_EXPRESSIONS, detect_input_format, normalization_transforms
+from usema.bundle.export import export_bundle
+from usema.config import Recipe, recipe_from_dict
 from usema.data.preprocess import normalize
 from usema.errors import UsemaError
 from usema.inference.pipeline import InferenceOptions, run_inference
@@ -34,7 +36,14 @@ def make_run(run: Path, name: str = "usema", overrides: dict | None = None) -> P
     net = build_network(name, 2, 1, 3, preset="tiny", deep_supervision=True, img_size=[32, 32], **overrides)
     recipe = {
         "name": "bundle_test",
-        "data": {"spatial_dims": 2, "slice_axis": 2, "normalization": "ct", "patch_size": [32, 32], "labels": None},
+        "data": {
+            "source": "demo_brain",
+            "spatial_dims": 2,
+            "slice_axis": 2,
+            "normalization": "ct",
+            "patch_size": [32, 32],
+            "labels": None,
+        },
         "val": {"roi_size": [32, 32], "overlap": 0.5, "sw_batch_size": 4},
     }
     ckpt = {
@@ -129,13 +138,13 @@ def test_bundle_layout_and_safe_expressions(bundle: Path) -> None:
 
 def test_existing_bundle_is_refused_then_replaced(tmp_path: Path) -> None:
     run = make_run(tmp_path / "run")
-    (tmp_path / "bundle").mkdir()
-    (tmp_path / "bundle" / "keep.txt").write_text("old")
+    bundle = export_bundle(run, tmp_path / "bundle")
+    (bundle / "models" / "model.pt").write_bytes(b"previous weights")
     with pytest.raises(UsemaError, match="bundle: exists"):
-        export_bundle(run, tmp_path / "bundle")
-    assert (tmp_path / "bundle" / "keep.txt").read_text() == "old"
-    export_bundle(run, tmp_path / "bundle", overwrite=True)
-    assert not (tmp_path / "bundle" / "keep.txt").exists() and (tmp_path / "bundle" / "models" / "model.pt").is_file()
+        export_bundle(run, bundle)
+    assert (bundle / "models" / "model.pt").read_bytes() == b"previous weights"
+    export_bundle(run, bundle, overwrite=True)
+    assert torch.load(bundle / "models" / "model.pt", weights_only=True).keys()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "run"]  # no temporary directories left
 
 
@@ -278,7 +287,7 @@ def test_png_bundle_segments_like_usema_infer(tmp_path: Path) -> None:
 
 
 def test_multichannel_bundle_reads_nnunet_channel_files(tmp_path: Path) -> None:
-    data = {"source": "nnunet", "spatial_dims": 2, "slice_axis": 2, "normalization": "zscore", "patch_size": [32, 32]}
+    data = {"source": "nnunet", "root": str(tmp_path / "gone"), "spatial_dims": 2, "slice_axis": 2, "normalization": "zscore", "patch_size": [32, 32]}
     run = save_tiny_run(tmp_path / "mr", in_channels=2, data=data)
     rng = np.random.default_rng(0)
     (tmp_path / "images").mkdir()
@@ -298,6 +307,9 @@ def test_input_format_follows_the_training_dataset(tmp_path: Path, monkeypatch: 
     (tmp_path / "Dataset703_NeurIPSCell").mkdir()
     (tmp_path / "Dataset703_NeurIPSCell" / "dataset.json").write_text(json.dumps({"file_ending": ".png"}))
     monkeypatch.setenv("nnUNet_raw", str(tmp_path))
-    assert detect_input_format({"data": {"source": "nnunet", "root": "Dataset703_NeurIPSCell"}}) == "png"
-    assert detect_input_format({"data": {"source": "nnunet", "root": "Dataset999_Missing"}}) == "nifti"
-    assert detect_input_format({"data": {"source": "demo_brain"}}) == "nifti"
+    def recipe(**data: str) -> Recipe:
+        return recipe_from_dict({"name": "r", "data": data})
+
+    assert detect_input_format(recipe(source="nnunet", root="Dataset703_NeurIPSCell")) == "png"
+    assert detect_input_format(recipe(source="nnunet", root="Dataset999_Missing")) == "nifti"
+    assert detect_input_format(recipe(source="demo_brain")) == "nifti"

@@ -55,7 +55,7 @@ def test_paper_and_small_variants_differ_as_documented():
     assert (small.model.preset, small.train.optimizer, small.train.schedule) == ("tiny", "adamw", "cosine")
     assert paper.data.patch_size == [512, 512] and paper.data.normalization == "ct"
     assert load_recipe("flare22_3d").data.spatial_dims == 3
-    assert load_recipe("neurips_cell").evaluation.instance_f1
+    assert load_recipe("neurips_cell").evaluation.protocol == "neurips_cell"  # instance F1 by its own protocol
 
 
 def test_bare_name_and_path_give_the_same_recipe():

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,25 +23,16 @@ TRAIN = [
 TIMEOUT_S = 300
 
 
-def _torchrun(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+def _torchrun(run_dir: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    """torchrun of TRAIN into ``run_dir``; with ``fault``, every rank stops itself there (``USEMA_FAULT``)."""
+    env = {k: v for k, v in os.environ.items() if k != "USEMA_FAULT"}
+    if fault:
+        env["USEMA_FAULT"] = fault
     proc = subprocess.run([*TORCHRUN, *TRAIN, "--output", str(run_dir), *extra], capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+                          timeout=TIMEOUT_S, env=env)
+    if fault is None:
+        assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun's workers), from /proc/<pid>/task/*/children."""
-    found, stack = [], [pid]
-    while stack:
-        for task in Path(f"/proc/{stack.pop()}/task").glob("*"):
-            try:
-                children = [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += children
-            stack += children
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -74,19 +63,10 @@ def test_killed_ddp_run_resumes_to_the_same_weights(uninterrupted, tmp_path):
     reference, _ = uninterrupted
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.pt"
-    proc = subprocess.Popen([*TORCHRUN, *TRAIN, "--output", str(run_dir)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not last.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.01)
-    for pid in [*_descendants(proc.pid), proc.pid]:  # the workers first: killing torchrun alone orphans them
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
-    assert torch.load(last, weights_only=True)["step"] < 6
+    # both ranks SIGKILL themselves after their 4th iteration (mid-epoch 2, just checkpointed)
+    killed = _torchrun(run_dir, fault="train.iteration@4:kill")
+    assert killed.returncode != 0 and "epoch 2/2" not in killed.stdout  # stopped mid-run, not at its end
+    assert torch.load(last, weights_only=True)["step"] == 4
 
     _torchrun(run_dir, "--resume")
     expected = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)["model"]

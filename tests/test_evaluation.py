@@ -175,11 +175,12 @@ def test_instance_f1_without_true_positive_is_zero():
 # --- tolerances and the FLARE22 slice rule ----------------------------------------------------------
 
 
-def test_flare22_tolerances_by_organ_aliases():
-    labels = {1: "Liver", 2: "kidney_right", 3: "Inferior Vena Cava", 4: "postcava", 5: "duodenum", 6: "tumor"}
-    assert resolve_tolerances(labels, 1.0) == {1: 5.0, 2: 3.0, 3: 2.0, 4: 2.0, 5: 7.0, 6: 1.0}
+def test_generic_tolerances_are_explicit_never_guessed_from_names():
+    # organ rules belong to the abdomen protocols (by label index); generic never guesses them from a name
+    labels = {1: "Liver", 2: "kidney_right", 6: "tumor"}
+    assert resolve_tolerances(labels, 1.0) == {1: 1.0, 2: 1.0, 6: 1.0}
     explicit = resolve_tolerances(labels, {"liver": 4.0, "default": 0.5})
-    assert explicit[1] == 4.0 and explicit[6] == 0.5 and explicit[5] == 7.0
+    assert explicit == {1: 4.0, 2: 0.5, 6: 0.5}
     with pytest.raises(UsemaError, match="tumor"):
         resolve_tolerances(labels, {"tumor": -1.0})
 
@@ -192,14 +193,14 @@ def test_flare22_scores_aorta_only_on_labelled_slices(tmp_path: Path):
     (tmp_path / "pred").mkdir()
     (tmp_path / "truth").mkdir()
     truth = np.zeros((8, 8, 12), dtype=np.uint8)
-    truth[2:5, 2:5, 2:8] = 1
+    truth[2:5, 2:5, 2:8] = 5  # aorta is label 5 in FLARE22 order
     pred = np.zeros_like(truth)
-    pred[2:5, 2:5, :] = 1  # the whole length of the vessel; FLARE22 only scores slices 2..6
+    pred[2:5, 2:5, :] = 5  # the whole length of the vessel; FLARE22 only scores slices 2..6 (z_last excluded)
     save_nifti(tmp_path / "truth" / "c.nii.gz", truth)
     save_nifti(tmp_path / "pred" / "c.nii.gz", pred)
-    flare = evaluate_folders(tmp_path / "pred", tmp_path / "truth", {1: "aorta"})
-    plain = evaluate_folders(tmp_path / "pred", tmp_path / "truth", {1: "aorta"}, flare_slice_rule=False)
-    assert flare.rows[0]["dsc"] == 1.0
+    flare = evaluate_folders(tmp_path / "pred", tmp_path / "truth", protocol="flare22")
+    plain = evaluate_folders(tmp_path / "pred", tmp_path / "truth", {5: "aorta"})
+    assert [r["dsc"] for r in flare.rows if r["class_id"] == 5] == [1.0]
     assert plain.rows[0]["dsc"] == pytest.approx(2 * 6 / (6 + 12))
 
 
@@ -232,14 +233,14 @@ def test_cli_writes_csv_and_json(nifti_folders, tmp_path: Path, capsys):
     pred_dir, truth_dir = nifti_folders
     out = tmp_path / "results" / "eval.json"
     assert main(["evaluate", "--pred", str(pred_dir), "--truth", str(truth_dir), "--labels", "1=liver", "2=spleen",
-                 "--output", str(out)]) == 0  # fmt: skip
+                 "--nsd-tolerance", "liver=5", "--output", str(out)]) == 0  # fmt: skip
     rows = read_csv(out.with_suffix(".csv"))
     assert [(r["case"], r["class_name"]) for r in rows] == [
         ("case_a", "liver"), ("case_a", "spleen"), ("case_b", "liver"), ("case_b", "spleen"),
     ]  # fmt: skip
     liver = rows[0]
     assert float(liver["dsc"]) == pytest.approx(2 * 8 / (10 + 8))
-    assert float(liver["nsd_tolerance_mm"]) == 5.0  # FLARE22 liver tolerance: the 4 mm cut is within it
+    assert float(liver["nsd_tolerance_mm"]) == 5.0  # the 4 mm cut is within it
     assert float(liver["nsd"]) == pytest.approx(1.0)
     assert float(liver["hd95"]) == pytest.approx(4.0)  # 2 voxels x 2 mm
     assert float(rows[1]["dsc"]) == 1.0 and float(rows[1]["hd95"]) == 0.0
@@ -252,7 +253,7 @@ def test_cli_writes_csv_and_json(nifti_folders, tmp_path: Path, capsys):
     assert "| liver | 0.8889 |" in table and "| **mean** |" in table
 
 
-def test_cli_labels_from_dataset_json_and_recipe(nifti_folders, tmp_path: Path):
+def test_cli_labels_from_dataset_json_and_recipe(nifti_folders, tmp_path: Path, capsys):
     pred_dir, truth_dir = nifti_folders
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1, "spleen": 2}}))
     assert main(["evaluate", "--pred", str(pred_dir), "--truth", str(truth_dir)]) == 0
@@ -264,8 +265,13 @@ def test_cli_labels_from_dataset_json_and_recipe(nifti_folders, tmp_path: Path):
         "evaluation: {nsd_tolerance_mm: {organ: 1.0, other: 3.0}}\n"
     )
     out = tmp_path / "r.json"
-    assert main(["evaluate", "--pred", str(pred_dir), "--truth", str(truth_dir), "--recipe", str(recipe),
-                 "--output", str(out)]) == 0  # fmt: skip
+    args = ["evaluate", "--pred", str(pred_dir), "--truth", str(truth_dir), "--recipe", str(recipe),
+            "--output", str(out)]  # fmt: skip
+    assert main(args) == 2  # its names disagree with dataset.json: refused, naming both
+    err = capsys.readouterr().err
+    assert "data.labels has 1='organ'" in err and "dataset.json has 1='liver'" in err and not out.exists()
+    (tmp_path / "dataset.json").unlink()
+    assert main(args) == 0
     organ = json.loads(out.read_text())["per_class"]["organ"]
     assert organ["nsd_tolerance_mm"] == 1.0 and organ["nsd"] < 1.0  # a 4 mm cut is outside 1 mm
 
@@ -274,7 +280,7 @@ def test_cli_refuses_label_values_outside_the_classes(nifti_folders, capsys):
     pred_dir, truth_dir = nifti_folders
     assert main(["evaluate", "--pred", str(pred_dir), "--truth", str(truth_dir), "--labels", "1=liver"]) == 2
     err = capsys.readouterr().err
-    assert "case_a.nii.gz" in err and "[2]" in err
+    assert "case_a.nii.gz: label value 2 is not among the classes [1]" in err
     assert not (pred_dir / "evaluation.json").exists()
 
 
@@ -371,5 +377,5 @@ def test_cli_names_an_unreadable_prediction(nifti_folders, damage: str, capsys):
     target.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a NIfTI file")
     assert main(["evaluate", "--pred", str(pred_dir), "--truth", str(truth_dir)]) == 2
     err = capsys.readouterr().err
-    assert f"{target}: expected a readable .nii.gz label image" in err and "Traceback" not in err
+    assert f"{target}: expected a readable .nii.gz image" in err and "Traceback" not in err
     assert not list(pred_dir.glob("evaluation.*"))

@@ -1,5 +1,6 @@
-"""Exact resume: a training run SIGKILLed at several points and resumed with --resume ends with weights
-bit-identical (CPU) to an uninterrupted run; a kill during a checkpoint write never corrupts last.pt."""
+"""Exact resume: a training run SIGKILLed at deterministic points (``USEMA_FAULT``, see usema/faults.py) and
+resumed with --resume ends with weights bit-identical (CPU) to the same run never interrupted; a kill inside a
+checkpoint write leaves the previous last.pt loadable."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -23,89 +22,81 @@ RUN = [
     "--set", "model.preset=tiny", "--set", "model.overrides.drop_path=0.2",
     "--set", "val.roi_size=[128,128]", "--set", "val.overlap=0",
 ]
-TIMEOUT_S = 240
+TIMEOUT_S = 300
 
 pytestmark = pytest.mark.slow
 
 
-def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
+def usema_env(fault: str | None = None) -> dict[str, str]:
+    """The environment of a usema subprocess: one OpenMP thread (tiny work on a shared CPU), ``USEMA_FAULT``."""
+    env = {k: v for k, v in os.environ.items() if k != "USEMA_FAULT"}
+    env["OMP_NUM_THREADS"] = "1"
+    if fault:
+        env["USEMA_FAULT"] = fault
+    return env
+
+
+def train(run_dir: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    """``usema train RUN --output run_dir`` in a subprocess, stopped at the fault point ``fault`` if given."""
     cmd = [sys.executable, "-m", "usema", "train", *RUN, "--output", str(run_dir), *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, env=usema_env(fault), timeout=TIMEOUT_S, check=False)
 
 
-def _finish(proc: subprocess.Popen) -> None:
-    out, err = proc.communicate(timeout=TIMEOUT_S)
-    assert proc.returncode == 0, err
+def killed(run_dir: Path, fault: str, *extra: str) -> None:
+    proc = train(run_dir, *extra, fault=fault)
+    assert proc.returncode == -signal.SIGKILL, f"not killed at {fault}: {proc.returncode} {proc.stderr[-2000:]}"
 
 
-def _kill_when(proc: subprocess.Popen, condition: Callable[[], bool], poll_s: float = 0.002) -> None:
-    """SIGKILL ``proc`` as soon as ``condition()`` holds; fails if the run ends first."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"training ended before the kill point: {proc.stderr.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("kill point not reached in time")
-        time.sleep(poll_s)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+def checkpoint(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
 
 
-def _inode(path: Path) -> int | None:
-    try:
-        return path.stat().st_ino
-    except FileNotFoundError:
-        return None
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
-
-
-def _metrics_without_timing(run_dir: Path) -> list[dict[str, str]]:
+def metrics_without_timing(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "metrics.csv", newline="") as fh:
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same run, never interrupted."""
+    """The expectation: the same run, never interrupted."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    _finish(_start(run_dir))
+    proc = train(run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
 
-def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(reference, tmp_path):
+def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(reference: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    last = run_dir / "checkpoints" / "last.pt"
+    checkpoints = run_dir / "checkpoints"
+    last = checkpoints / "last.pt"
 
-    # 0. before the first checkpoint: the run exists (recipe.yaml) but --resume has to start it afresh
-    _kill_when(_start(run_dir), lambda: (run_dir / "recipe.yaml").exists())
-    assert not last.exists()
+    # 0. after iteration 1, before any checkpoint: the run exists (recipe.yaml) but --resume starts it afresh
+    killed(run_dir, "train.iteration@1")
+    assert (run_dir / "recipe.yaml").is_file() and not last.exists()
 
     # 1. just after the first checkpoint (mid-epoch, iteration 2)
-    _kill_when(_start(run_dir, "--resume"), lambda: last.exists())
-    first = torch.load(last, weights_only=True)
-    assert (first["epoch"], first["iteration"]) == (0, 2)
+    killed(run_dir, "train.iteration@2", "--resume")
+    assert (checkpoint(last)["epoch"], checkpoint(last)["iteration"]) == (0, 2)
 
-    # 2. mid-epoch, between checkpoints: one checkpoint later, plus a little training
-    proc = _start(run_dir, "--resume")
-    before = _inode(last)
-    _kill_when(proc, lambda: _inode(last) not in (before, None))
-    resumed_to = torch.load(last, weights_only=True)["step"]
-    assert resumed_to > first["step"]
+    # 2. between checkpoints: steps 3-5 run, step 5 is lost with the process
+    killed(run_dir, "train.iteration@3", "--resume")
+    assert checkpoint(last)["step"] == 4
 
-    # 3. while a checkpoint is being written: the half-written temporary file exists
-    proc = _start(run_dir, "--resume")
-    _kill_when(proc, lambda: any(last.parent.glob(".last.*.tmp.pt")), poll_s=0.0005)
-    assert torch.load(last, weights_only=True)["step"] >= resumed_to  # last.pt is intact, never partial
+    # 3. inside the end-of-epoch write of last.pt (best.pt is written just before it): the new last.pt is
+    #    complete in its temporary file, not yet renamed
+    killed(run_dir, "checkpoint.flushed@2", "--resume")
+    assert checkpoint(last)["step"] == 4  # the previous one, intact and loadable
+    assert checkpoint(checkpoints / "best.pt")["step"] == 6
+    leftovers = sorted(p.name for p in checkpoints.iterdir() if p.name not in ("best.pt", "last.pt"))
+    assert len(leftovers) == 1 and leftovers[0].startswith(".last.") and leftovers[0].endswith(".tmp.pt")
 
     # 4. to the end
-    _finish(_start(run_dir, "--resume"))
-    expected, got = _weights(reference), _weights(run_dir)
-    assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed weights differ from the uninterrupted run"
-    assert _metrics_without_timing(run_dir) == _metrics_without_timing(reference)
-    assert not list(last.parent.glob(".*.tmp.pt"))  # the killed write's temporary file was cleaned up
-
+    proc = train(run_dir, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected, got = checkpoint(reference / "checkpoints" / "last.pt"), checkpoint(last)
+    assert got["step"] == expected["step"] == 12
+    assert expected["model"].keys() == got["model"].keys()
+    differing = [k for k in expected["model"] if not torch.equal(expected["model"][k], got["model"][k])]
+    assert differing == [], "resumed weights differ from the uninterrupted run"
+    assert metrics_without_timing(run_dir) == metrics_without_timing(reference)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "last.pt"]  # the temporary file is gone

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import json
 import random
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from usema.config import list_recipes, load_recipe, recipe_to_dict
 from usema.data.demos import BRAIN_LABELS
 from usema.errors import UsemaError
 from usema.run import checkpoint as checkpoint_module
-from usema.run.checkpoint import load_checkpoint, save_checkpoint
+from usema.run.checkpoint import load_checkpoint, read_torch_file, save_checkpoint
 from usema.training.command import check_resume_recipe
 from usema.training.components import build_loss, build_optimizer, build_scheduler
 from usema.training.rng import capture_rng_state, restore_rng_state
@@ -90,7 +91,7 @@ def test_rng_snapshot_survives_a_weights_only_checkpoint(tmp_path):
     save_checkpoint({"model": {}, "network": {}, "rng": capture_rng_state()}, tmp_path / "c.pt")
     expected = (random.random(), np.random.rand(3), np.random.randn(), torch.rand(3))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    restore_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    restore_rng_state(read_torch_file(tmp_path / "c.pt")["rng"])
     got = (random.random(), np.random.rand(3), np.random.randn(), torch.rand(3))
     assert got[0] == expected[0] and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
     assert torch.equal(got[3], expected[3])
@@ -110,7 +111,7 @@ def test_failed_checkpoint_write_is_one_line_error_and_keeps_previous(tmp_path, 
     message = str(err.value)
     assert "\n" not in message and str(path) in message and "No space left" in message
     monkeypatch.undo()
-    assert load_checkpoint(path)["network"]["name"] == "old"
+    assert read_torch_file(path)["network"]["name"] == "old"
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left behind
 
 
@@ -217,6 +218,12 @@ def nnunet_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_volume_dataset(raw, modality="MR")
     make_png_dataset(raw)
     make_png_dataset(raw, n_classes=7, name="Dataset704_Endovis17")
+    # the benchmark datasets' own class lists, which `usema train` checks each recipe's data.labels against
+    for recipe_name in ("flare22", "amos_mr", "endovis17"):
+        data = load_recipe(recipe_name).data
+        meta_path = raw / data.root / "dataset.json"
+        meta = json.loads(meta_path.read_text())
+        meta_path.write_text(json.dumps({**meta, "labels": {name: value for value, name in data.labels.items()}}))
     return raw
 
 

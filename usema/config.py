@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -21,6 +22,7 @@ from typing import Any, Callable, Literal, Sequence, Union
 import yaml
 
 from usema.errors import UsemaError
+from usema.io.files import read_input_text
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -28,6 +30,7 @@ _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 MAX_INT = 2**31 - 1
 # a recipe is a few hundred values; a YAML alias bomb (or a shared-reference pickle) expands to billions
 MAX_RECIPE_VALUES = 100_000
+MAX_RECIPE_BYTES = 1 << 20
 
 
 @dataclass
@@ -364,7 +367,7 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 def resolve_recipe_path(path_or_name: str | Path) -> Path:
     """A file path, or a bare packaged recipe name such as ``demo_brain`` -> ``usema/recipes/demo_brain.yaml``."""
     path = Path(path_or_name)
-    if path.is_file():
+    if os.path.lexists(path):  # whatever it is: the reader names FIFOs, devices and folders
         return path
     packaged = RECIPE_DIR / f"{path_or_name}.yaml"
     if path.suffix == "" and path.name == str(path_or_name) and packaged.is_file():
@@ -419,9 +422,7 @@ def load_recipe(path_or_name: str | Path, overrides: Sequence[str] = ()) -> Reci
     """
     path = resolve_recipe_path(path_or_name)
     try:
-        data = load_yaml(path.read_text(), str(path))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsemaError(f"{path}: cannot read recipe ({exc})") from None
+        data = load_yaml(read_input_text(path, MAX_RECIPE_BYTES, what="recipe"), str(path))
     except yaml.YAMLError as exc:
         raise UsemaError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict):

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from usema.errors import UsemaError
+from usema.io.files import read_input_text
 
 METRICS = ("dsc", "nsd", "instance_f1")
 MAX_CSV_BYTES = 512 << 20
@@ -37,15 +40,13 @@ def read_scores(path: str | Path, metric: str) -> CaseScores:
     """Case and class scores of ``metric`` from an evaluation file; a case's score is the mean of its rows
     (the classes its protocol scored for it), so each protocol's own case definition carries over."""
     source = csv_for(Path(path))
-    if not source.is_file():
+    if not os.path.lexists(source):
         raise UsemaError(f"{source}: expected the per-case CSV written by `usema evaluate`")
-    if source.stat().st_size > MAX_CSV_BYTES:
-        raise UsemaError(f"{source}: expected an evaluation CSV of at most {MAX_CSV_BYTES >> 20} MiB")
-    with open(source, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or not {"case", "class_name", metric} <= set(reader.fieldnames):
-            raise UsemaError(f"{source}: expected the columns case, class_name and {metric} (`usema evaluate` output)")
-        rows = list(reader)
+    text = read_input_text(source, MAX_CSV_BYTES, what="evaluation CSV")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None or not {"case", "class_name", metric} <= set(reader.fieldnames):
+        raise UsemaError(f"{source}: expected the columns case, class_name and {metric} (`usema evaluate` output)")
+    rows = list(reader)
     per_class: dict[str, dict[str, float]] = {}
     by_case: dict[str, list[float]] = {}
     for line, row in enumerate(rows, start=2):

@@ -12,7 +12,6 @@ import numpy as np
 import tifffile
 
 from usema.data import demos, nnunet
-from usema.errors import UsemaError
 from usema.io.files import atomic_path, atomic_write_text, refuse_existing
 
 

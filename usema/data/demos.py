@@ -14,12 +14,11 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-import tifffile
 from scipy import ndimage
 
 from usema.errors import UsemaError
+from usema.io.labels import geometry_affine, read_image, read_label
 
 BRAIN_LABELS = {0: "background", 1: "CSF", 2: "GM", 3: "WM"}
 BRAIN_SHAPE = (197, 233, 189)
@@ -75,11 +74,10 @@ def brain_labels(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
 def load_brain() -> BrainDemo:
     """Read the MNI152 template and derive its labels."""
     files = brain_files()
-    t1_img = nib.load(str(files["t1"]))
-    t1 = t1_img.get_fdata(dtype=np.float32)
-    gm = nib.load(str(files["gm"])).get_fdata(dtype=np.float32)
-    wm = nib.load(str(files["wm"])).get_fdata(dtype=np.float32)
-    return BrainDemo(t1, brain_labels(t1, gm, wm), t1_img.affine.copy())
+    (t1, *_), geometry = read_image(files["t1"])
+    (gm, *_), _ = read_image(files["gm"])
+    (wm, *_), _ = read_image(files["wm"])
+    return BrainDemo(t1, brain_labels(t1, gm, wm), geometry_affine(geometry))
 
 
 def brain_train_ranges() -> list[tuple[int, int]]:
@@ -116,4 +114,5 @@ def instance_to_semantic(instances: np.ndarray, target: str) -> np.ndarray:
 def load_nuclei() -> tuple[np.ndarray, np.ndarray]:
     """The nuclei image (512, 512) float32 and its instance mask (512, 512) int32."""
     files = nuclei_files()
-    return tifffile.imread(files["image"]).astype(np.float32), tifffile.imread(files["mask"]).astype(np.int32)
+    (image, *_), _ = read_image(files["image"])
+    return image, read_label(files["mask"])[0].astype(np.int32)

@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from usema.io.labels import Geometry, geometry_spacing, read_case_image, read_label, same_grid
 from usema.errors import UsemaError
+from usema.io.arrays import blocks
+from usema.io.files import read_input_text
+from usema.io.images import SUFFIXES, image_suffix, read_image, split_channel
+from usema.io.labels import Geometry, geometry_spacing, read_label, same_grid
 
 REQUIRED_JSON_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
-_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+# a class value beyond this is a corrupt or hostile dataset.json (it would build a network with that many outputs)
+MAX_CLASSES = 1000
+# dataset.json lists cases, not data: a larger file is refused before it is read whole
+MAX_JSON_BYTES = 64 << 20
+# labels up to this value are counted with bincount (fast); larger ones are refused, found with unique
+BINCOUNT_MAX = 1 << 16
 
 
 @dataclass
@@ -67,13 +74,14 @@ def resolve_root(root: str | Path) -> Path:
     return path
 
 
-def _read_json(root: Path) -> dict:
+def read_dataset_json(root: Path) -> dict:
+    """``root/dataset.json`` as a dict with the required keys: a regular file of at most MAX_JSON_BYTES."""
     path = root / "dataset.json"
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         raise UsemaError(f"{path}: missing (nnU-Net datasets need channel_names, labels, numTraining, file_ending)")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    try:
+        meta = json.loads(read_input_text(path, MAX_JSON_BYTES, what="dataset.json"))
+    except json.JSONDecodeError as exc:
         raise UsemaError(f"{path}: expected valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise UsemaError(f"{path}: expected a JSON object")
@@ -84,10 +92,15 @@ def _read_json(root: Path) -> dict:
 
 
 def _parse_labels(meta: dict, where: str) -> dict[int, str]:
+    if not isinstance(meta["labels"], dict):
+        raise UsemaError(f"{where}: labels: expected a mapping of class names to values {{\"background\": 0, ...}}, "
+                         f"got a {type(meta['labels']).__name__}")
     labels = {}
     for name, value in meta["labels"].items():
         if not isinstance(value, int) or isinstance(value, bool):
             raise UsemaError(f"{where}: labels.{name}: expected an integer class (region-based labels are unsupported)")
+        if not 0 <= value < MAX_CLASSES:
+            raise UsemaError(f"{where}: labels.{name}: expected a class value 0..{MAX_CLASSES - 1}, got {value}")
         labels[value] = str(name)
     if 0 not in labels:
         raise UsemaError(f"{where}: labels: expected a background class with value 0")
@@ -118,11 +131,11 @@ def _group_folder(folder: Path, ending: str, problems: list[str]) -> dict[str, l
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         if path.name.startswith(".") or not path.name.endswith(ending):
             continue
-        match = _CHANNEL_RE.match(path.name[: -len(ending)])
-        if match is None:
+        case, channel = split_channel(path.name[: -len(ending)])
+        if channel is None:
             problems.append(f"{path}: expected the nnU-Net name CASE_XXXX{ending} (channel index)")
             continue
-        groups.setdefault(match["case"], {})[int(match["channel"])] = path
+        groups.setdefault(case, {})[channel] = path
     cases = {}
     for name, channels in groups.items():
         if sorted(channels) != list(range(len(channels))):
@@ -138,7 +151,7 @@ def _cases_from_folders(ds: NnunetDataset) -> None:
     labels_dir = ds.root / "labelsTr"
     for name, paths in sorted(images.items()):
         label = labels_dir / f"{name}{ds.file_ending}"
-        if not label.is_file():
+        if not os.path.lexists(label):  # present but not a regular file: refused (and reported) when read
             ds.problems.append(f"{label}: missing label for training image {paths[0].name}")
             continue
         ds.train.append(NnunetCase(name, paths, label))
@@ -148,7 +161,7 @@ def _cases_from_folders(ds: NnunetDataset) -> None:
                 ds.problems.append(f"{label}: label without a training image in imagesTr")
     for name, paths in sorted(_group_folder(ds.root / "imagesTs", ds.file_ending, ds.problems).items()):
         label = ds.root / "labelsTs" / f"{name}{ds.file_ending}"  # optional test labels (usema evaluate)
-        ds.test.append(NnunetCase(name, paths, label if label.is_file() else None))
+        ds.test.append(NnunetCase(name, paths, label if os.path.lexists(label) else None))
 
 
 def _cases_from_json(ds: NnunetDataset, listing: dict, where: str) -> None:
@@ -166,7 +179,7 @@ def _cases_from_json(ds: NnunetDataset, listing: dict, where: str) -> None:
         except UsemaError as exc:
             ds.problems.append(str(exc))
             continue
-        missing = [p for p in [*images, label] if not p.is_file()]
+        missing = [p for p in [*images, label] if not os.path.lexists(p)]
         if missing:
             ds.problems.append(f"{missing[0]}: missing file listed for case {name} in dataset.json")
             continue
@@ -179,12 +192,12 @@ def scan_dataset(root: str | Path) -> NnunetDataset:
     Raises UsemaError when the folder or dataset.json itself is unusable.
     """
     root = resolve_root(root)
-    meta = _read_json(root)
+    meta = read_dataset_json(root)
     where = str(root / "dataset.json")
     num_training = meta["numTraining"]
     ending = meta["file_ending"]
-    if not isinstance(ending, str) or not ending.startswith("."):
-        raise UsemaError(f"{where}: file_ending: expected a suffix such as \".nii.gz\", got {ending!r}")
+    if not isinstance(ending, str) or image_suffix(f"x{ending}") != ending.lower():
+        raise UsemaError(f"{where}: file_ending: expected one of {', '.join(SUFFIXES)}, got {ending!r}")
     ds = NnunetDataset(root, _parse_channels(meta, where), _parse_labels(meta, where), ending,
                        num_training if isinstance(num_training, int) else None)
     if "dataset" in meta:
@@ -200,10 +213,20 @@ def scan_dataset(root: str | Path) -> NnunetDataset:
 
 
 def present_values(label: np.ndarray) -> list[int]:
-    """Sorted distinct values of an integer label map (bincount when non-negative: much faster than unique)."""
-    if label.size and label.min() >= 0:
-        return np.flatnonzero(np.bincount(label.reshape(-1))).tolist()
-    return np.unique(label).tolist()
+    """Sorted distinct values of an integer label map.
+
+    Small non-negative values are counted block by block with bincount (much faster than unique, and without a
+    full-size int64 temporary); anything else falls back to unique.
+    """
+    if label.size == 0:
+        return []
+    low, high = int(label.min()), int(label.max())
+    if low < 0 or high > BINCOUNT_MAX:
+        return np.unique(label).tolist()
+    seen = np.zeros(high + 1, bool)
+    for block in blocks(label):
+        seen |= np.bincount(block.reshape(-1), minlength=high + 1) > 0
+    return np.flatnonzero(seen).tolist()
 
 
 def load_case(ds: NnunetDataset, case: NnunetCase, labels: dict[int, str] | None = None) -> LoadedCase:
@@ -211,7 +234,7 @@ def load_case(ds: NnunetDataset, case: NnunetCase, labels: dict[int, str] | None
 
     ``labels`` (default ``ds.labels``) are the allowed classes. Raises UsemaError naming the offending file.
     """
-    image, geometry = read_case_image(case.images)
+    image, geometry = read_image(case.images)
     expected = len(ds.channel_names)
     if image.shape[0] != expected:
         raise UsemaError(f"{case.images[0]}: expected {expected} channel(s) (dataset.json channel_names), "
@@ -224,6 +247,11 @@ def load_case(ds: NnunetDataset, case: NnunetCase, labels: dict[int, str] | None
     if not same_grid(geometry, label_geometry):
         raise UsemaError(f"{case.label}: expected the same affine (voxel-to-world) as {case.images[0].name}")
     allowed = labels if labels is not None else ds.labels
+    top = max(allowed)
+    if label.min() < 0 or label.max() > top:  # found without counting up to a huge value
+        outside = np.unique(label[(label < 0) | (label > top)])
+        raise UsemaError(f"{case.label}: label values {outside[:10].tolist()} are not among the classes "
+                         f"{sorted(allowed)}")
     extra = sorted(set(present_values(label)) - set(allowed))
     if extra:
         raise UsemaError(f"{case.label}: label values {extra} are not among the classes {sorted(allowed)}")

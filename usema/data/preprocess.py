@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from usema.errors import UsemaError
+from usema.io.arrays import all_finite, blocks
 
 SCHEMES = ("ct", "zscore", "rgb", "none")
 STD_FLOOR = 1e-8
@@ -22,26 +23,52 @@ CT_SAMPLE_BUDGET = 10_000_000
 
 def check_finite(array: np.ndarray, name: str) -> None:
     """Raise UsemaError naming ``name`` if ``array`` contains NaN or infinite values."""
-    if not np.isfinite(array).all():
-        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+    if not all_finite(array):
+        bad = sum(int(block.size - np.count_nonzero(np.isfinite(block))) for block in blocks(array))
         raise UsemaError(f"{name}: expected finite intensities, found {bad} NaN/inf voxels")
 
 
-def normalize(image: np.ndarray, scheme: str, stats: dict | None = None, name: str = "image") -> np.ndarray:
-    """Normalise ``image`` (C, *spatial) with ``scheme``; returns a new float32 array of the same shape.
+def mean_std(channel: np.ndarray) -> tuple[float, float]:
+    """Mean and (population) standard deviation in float64, two passes block by block.
+
+    ``ndarray.std`` would allocate a float64 copy of the whole image (8 bytes a voxel).
+    """
+    count = channel.size
+    mean = sum(float(block.sum(dtype=np.float64)) for block in blocks(channel)) / count
+    squares = 0.0
+    for block in blocks(channel):
+        centred = block.astype(np.float64).reshape(-1) - mean
+        squares += float(centred @ centred)
+    return mean, (squares / count) ** 0.5
+
+
+def normalize(image: np.ndarray, scheme: str, stats: dict | None = None, name: str = "image",
+              in_place: bool = False) -> np.ndarray:
+    """Normalise ``image`` (C, *spatial) with ``scheme``; returns a float32 array of the same shape.
 
     ``stats`` = {"lower", "upper", "mean", "std"} is required for ``ct``. ``name`` (the case) is used in errors.
+    With ``in_place`` a float32 ``image`` is overwritten instead of copied (inference of a large volume).
     """
     if scheme not in SCHEMES:
         raise UsemaError(f"data.normalization: expected one of {', '.join(SCHEMES)}, got {scheme!r}")
     check_finite(image, name)
-    out = np.asarray(image, dtype=np.float32).copy()
+    out = np.asarray(image, dtype=np.float32)  # a new array unless the image already is float32
+    if np.may_share_memory(out, image) and not (in_place and out.flags.writeable):
+        out = out.copy()
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, not printed as a warning
+        _apply(out, scheme, stats, name)
+    if not all_finite(out):
+        raise UsemaError(f"{name}: expected intensities whose {scheme} normalisation fits in float32, got an overflow")
+    return out
+
+
+def _apply(out: np.ndarray, scheme: str, stats: dict | None, name: str) -> None:
+    """Normalise the float32 ``out`` in place."""
     if scheme == "zscore":
-        axes = tuple(range(1, out.ndim))
-        mean = out.mean(axis=axes, keepdims=True, dtype=np.float64)
-        std = out.std(axis=axes, keepdims=True, dtype=np.float64)
-        out -= mean.astype(np.float32)
-        out /= np.maximum(std, STD_FLOOR).astype(np.float32)
+        for channel in out:
+            mean, std = mean_std(channel)
+            channel -= np.float32(mean)
+            channel /= np.float32(max(std, STD_FLOOR))
     elif scheme == "ct":
         if not stats or any(k not in stats for k in CT_STATS_KEYS):
             raise UsemaError(f"{name}: ct normalisation needs stats with keys {', '.join(CT_STATS_KEYS)}")
@@ -50,7 +77,6 @@ def normalize(image: np.ndarray, scheme: str, stats: dict | None = None, name: s
         out /= np.float32(max(stats["std"], STD_FLOOR))
     elif scheme == "rgb":
         out /= np.float32(255.0)
-    return out
 
 
 def foreground_sample(image: np.ndarray, label: np.ndarray, budget: int, rng: np.random.Generator,

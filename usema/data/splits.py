@@ -9,12 +9,13 @@ case is validated exactly once). Splits are by case: all of a case's slices fall
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from usema.errors import UsemaError
-from usema.io.files import atomic_write_text
+from usema.io.files import atomic_write_text, read_input_text
 
 SPLITS_FILE = "splits_final.json"
 NUM_FOLDS = 5
@@ -38,13 +39,9 @@ def make_folds(names: list[str], num_folds: int = NUM_FOLDS, seed: int = SPLIT_S
 
 def read_splits(path: Path, names: list[str]) -> list[dict[str, list[str]]]:
     """The folds in ``path``, checked: a list of {"train", "val"} lists of known, disjoint case names."""
-    if not path.is_file():
-        raise UsemaError(f"{path}: expected a regular splits file")
-    if path.stat().st_size > MAX_SPLITS_BYTES:
-        raise UsemaError(f"{path}: expected a splits file of at most {MAX_SPLITS_BYTES >> 20} MiB")
     try:
-        folds = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
+        folds = json.loads(read_input_text(path, MAX_SPLITS_BYTES, what="splits file"))
+    except ValueError as exc:
         raise UsemaError(f"{path}: expected JSON ({' '.join(str(exc).split())})") from None
     known = set(names)
     if not isinstance(folds, list) or not folds:
@@ -71,7 +68,7 @@ def load_or_create_splits(dataset_root: Path, names: list[str], fallback_dir: Pa
     folder is read-only, in ``fallback_dir``)."""
     for folder in (dataset_root, fallback_dir):
         path = folder / SPLITS_FILE
-        if path.exists():
+        if os.path.lexists(path):
             return read_splits(path, names), path
     folds = make_folds(names)
     text = json.dumps(folds, indent=1) + "\n"

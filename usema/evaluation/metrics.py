@@ -1,4 +1,4 @@
-"""Per-case segmentation metrics computed the way the challenges of the U-Mamba 2D suite compute them.
+"""Per-case metrics of the ``generic`` protocol (MONAI surface metrics with the challenges' empty rules).
 
 All functions take boolean masks or integer label arrays of shape ``(*spatial)`` (2D or 3D, in the
 file's voxel index order) and the voxel spacing in mm for each of those axes.
@@ -6,10 +6,12 @@ file's voxel index order) and the voxel spacing in mm for each of those axes.
 Challenge rules (FLARE22 / U-Mamba evaluation scripts):
 - DSC and NSD: empty truth and empty prediction = 1; a prediction on an empty truth = 0; an empty
   prediction on a non-empty truth = 0.
-- HD95: undefined (NaN) when either mask is empty; callers exclude NaN from means.
-- Instance F1 (NeurIPS 2022 Cell Segmentation): instances are the connected components
-  (full connectivity) of the interior class; a true positive is a one-to-one match with IoU >= 0.5;
-  cells within 2 pixels of the image border are ignored; F1 = 0 when there is no true positive.
+- HD95: NaN when either mask is empty; the protocols (usema.evaluation.scoring) score a one-sided miss with
+  the image diagonal instead.
+- Instance F1 of two semantic maps: instances are the connected components (full connectivity) of the
+  interior class in both; a true positive is a one-to-one match with IoU >= 0.5; cells within 2 pixels of
+  the image border are ignored; F1 = 0 when there is no true positive. (The benchmark's own rule, against
+  instance ground truth, is ``usema.evaluation.cells``.)
 """
 
 from __future__ import annotations
@@ -22,11 +24,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 from scipy import ndimage
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import maximum_bipartite_matching
 
-# the challenge scripts ignore cells touching this many pixels at the image border
-BORDER_MARGIN = 2
+from usema.evaluation.cells import BORDER_MARGIN, count_true_positives
 
 
 def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -128,35 +127,6 @@ def label_instances(mask: np.ndarray, exclude_border: bool = True) -> np.ndarray
     return new_ids[instances]
 
 
-def overlapping_pairs(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(truth id, prediction id, IoU) of every pair of instances that overlap, from two instance maps.
-
-    Sparse, so that whole-slide images with thousands of cells need no dense IoU matrix.
-    """
-    n_pred = int(pred.max(initial=0))
-    truth, pred = truth.astype(np.int64).ravel(), pred.astype(np.int64).ravel()
-    area_truth, area_pred = np.bincount(truth), np.bincount(pred, minlength=n_pred + 1)
-    both = (truth > 0) & (pred > 0)
-    pairs, overlap = np.unique(truth[both] * (n_pred + 1) + pred[both], return_counts=True)
-    truth_ids, pred_ids = np.divmod(pairs, n_pred + 1)
-    iou = overlap / (area_truth[truth_ids] + area_pred[pred_ids] - overlap)
-    return truth_ids, pred_ids, iou
-
-
-def count_matches(truth_ids: np.ndarray, pred_ids: np.ndarray, iou: np.ndarray, threshold: float = 0.5) -> int:
-    """Most one-to-one truth/prediction pairs with IoU >= ``threshold``.
-
-    The challenge solves an assignment whose cost counts pairs above the threshold first (IoU only
-    breaks ties), i.e. a maximum-cardinality matching of the above-threshold pairs; it is computed
-    here on the sparse pair graph, so thousands of cells stay cheap.
-    """
-    above = iou >= threshold
-    if not above.any():
-        return 0
-    graph = csr_matrix((np.ones(int(above.sum())), (truth_ids[above], pred_ids[above])))
-    return int((maximum_bipartite_matching(graph, perm_type="column") >= 0).sum())
-
-
 @dataclass(frozen=True)
 class InstanceScores:
     """Instance detection counts and scores of one case."""
@@ -183,14 +153,13 @@ def instance_f1(
     pred: np.ndarray,
     truth: np.ndarray,
     interior_label: int = 1,
-    iou_threshold: float = 0.5,
     exclude_border: bool = True,
 ) -> InstanceScores:
     """Instance F1 of two semantic label maps ``(*spatial)``: instances = components of ``interior_label``."""
     truth_instances = label_instances(truth == interior_label, exclude_border)
     pred_instances = label_instances(pred == interior_label, exclude_border)
     n_truth, n_pred = int(truth_instances.max(initial=0)), int(pred_instances.max(initial=0))
-    tp = count_matches(*overlapping_pairs(truth_instances, pred_instances), threshold=iou_threshold)
+    tp = count_true_positives(truth_instances.astype(np.int64), pred_instances.astype(np.int64))
     return InstanceScores(tp=tp, fp=n_pred - tp, fn=n_truth - tp)
 
 
@@ -205,20 +174,8 @@ class ClassScores:
     pred_voxels: int
 
 
-def class_scores(
-    pred: np.ndarray,
-    truth: np.ndarray,
-    spacing: Sequence[float],
-    tolerance_mm: float,
-    truth_slices_axis: int | None = None,
-) -> ClassScores:
-    """DSC, NSD and HD95 of one class, from boolean masks ``(*spatial)``.
-
-    ``truth_slices_axis``: restrict both masks to the slices along that axis where the truth is
-    labelled (FLARE22 does this for aorta, IVC and oesophagus, whose annotated extent is arbitrary).
-    """
-    if truth_slices_axis is not None and truth.any():
-        pred, truth = restrict_to_truth_slices(pred, truth, truth_slices_axis)
+def class_scores(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> ClassScores:
+    """DSC, NSD and HD95 of one class, from boolean masks ``(*spatial)``."""
     return ClassScores(
         dsc=dice_score(pred, truth),
         nsd=surface_dice(pred, truth, spacing, tolerance_mm),
@@ -226,17 +183,3 @@ def class_scores(
         truth_voxels=int(truth.sum()),
         pred_voxels=int(pred.sum()),
     )
-
-
-def restrict_to_truth_slices(pred: np.ndarray, truth: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Both masks limited to the truth's labelled range along ``axis``.
-
-    FLARE22's reference code slices ``[first:last]`` (last labelled slice excluded); that is kept so
-    that scores match the published ones, except that a single labelled slice is kept.
-    """
-    other_axes = tuple(a for a in range(truth.ndim) if a != axis)
-    labelled = np.flatnonzero(truth.any(axis=other_axes))
-    first, last = int(labelled[0]), int(labelled[-1])
-    keep = [slice(None)] * truth.ndim
-    keep[axis] = slice(first, max(last, first + 1))
-    return pred[tuple(keep)], truth[tuple(keep)]

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from usema.data.preprocess import normalize
 from usema.errors import UsemaError
+from usema.faults import fault_point
 from usema.io.files import ensure_writable_dir, refuse_existing
 from usema.io.images import (
     Case,
@@ -25,11 +26,13 @@ from usema.io.images import (
     label_dtype,
     probability_path,
     read_image,
+    result_suffix,
     write_label,
     write_probabilities,
 )
 from usema.inference.model_loading import LoadedModel, load_model
 from usema.inference.predictor import make_inferer, predict_logits
+from usema.run.device import resolve_device
 
 # stitched logits held at once when a 2D network segments a volume block of slices by block of slices
 LOGITS_BUDGET_BYTES = 64 * 2**20
@@ -66,22 +69,13 @@ class InferenceSummary:
         )
 
 
-def resolve_device(device: str) -> torch.device:
-    """``cpu`` or ``cuda`` (a clear error when CUDA was asked for and is absent)."""
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsemaError(f"--device: expected cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsemaError("--device: cuda was requested but no CUDA device is available")
-    return torch.device(device)
-
-
-def preprocess(image: np.ndarray, model: LoadedModel, name: str = "image") -> torch.Tensor:
+def preprocess(image: np.ndarray, model: LoadedModel, name: str = "image", in_place: bool = False) -> torch.Tensor:
     """Normalise ``image`` (C, *spatial) exactly as in training; returns (1, C, *spatial) float32 on the CPU.
 
-    ``name`` (the case's file) is what errors name.
+    ``name`` (the case's file) is what errors name; ``in_place`` reuses a float32 ``image``'s memory.
     """
-    normalized = normalize(image, model.settings.normalization, model.norm_stats, name=name)
-    return torch.from_numpy(np.ascontiguousarray(normalized, dtype=np.float32))[None]
+    normalized = normalize(image, model.settings.normalization, model.norm_stats, name=name, in_place=in_place)
+    return torch.from_numpy(normalized)[None]  # as strided as read (NIfTI is x-fastest): no whole-image copy
 
 
 def check_image(image: np.ndarray, path: Path, model: LoadedModel) -> None:
@@ -91,7 +85,7 @@ def check_image(image: np.ndarray, path: Path, model: LoadedModel) -> None:
             f"{path}: expected {model.in_channels} channel(s) for this model, got {image.shape[0]} "
             "(multi-channel cases are CASE_0000, CASE_0001, ... files)"
         )
-    image_dims, net_dims = image.ndim - 1, int(model.network_args["spatial_dims"])
+    image_dims, net_dims = image.ndim - 1, model.spatial_dims
     if net_dims == 2 and image_dims == 3 and model.settings.slice_axis is None:
         raise UsemaError(f"{model.source}: recipe key data.slice_axis is needed to run a 2D model on {path}")
     if net_dims > image_dims:
@@ -106,7 +100,7 @@ def _logits(
     inferer = make_inferer(
         roi_size=settings.roi_size,
         image_spatial_dims=normalized.ndim - 2,
-        net_spatial_dims=int(model.network_args["spatial_dims"]),
+        net_spatial_dims=model.spatial_dims,
         slice_axis=settings.slice_axis,
         overlap=settings.overlap if options.overlap is None else options.overlap,
         sw_batch_size=settings.sw_batch_size if options.sw_batch_size is None else options.sw_batch_size,
@@ -134,7 +128,7 @@ def slice_chunks(model: LoadedModel, spatial: tuple[int, ...]) -> tuple[int, lis
     Slices are predicted independently (windows never span two slices), so blocks give the same logits as the
     whole volume while holding at most ``LOGITS_BUDGET_BYTES`` of logits at a time.
     """
-    if not (int(model.network_args["spatial_dims"]) == 2 and len(spatial) == 3):
+    if not (model.spatial_dims == 2 and len(spatial) == 3):
         return 0, [slice(None)]
     axis = int(model.settings.slice_axis)
     slice_bytes = 4 * model.num_classes * int(np.prod(spatial)) // spatial[axis]
@@ -149,12 +143,14 @@ def segment_case(
     options: InferenceOptions,
     device: torch.device,
     name: str = "image",
+    in_place: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Labels (*spatial) and, with ``options.save_probabilities``, softmax probabilities (K, *spatial) float32.
 
-    The image (C, *spatial) is normalised whole (per-image statistics), then predicted in ``slice_chunks``.
+    The image (C, *spatial) is normalised whole (per-image statistics; overwriting ``image`` when ``in_place``),
+    then predicted in ``slice_chunks``.
     """
-    normalized = preprocess(image, model, name)
+    normalized = preprocess(image, model, name, in_place)
     spatial = tuple(image.shape[1:])
     labels = np.empty(spatial, dtype=label_dtype(model.num_classes))
     probs = np.empty((model.num_classes, *spatial), np.float32) if options.save_probabilities else None
@@ -169,19 +165,25 @@ def segment_case(
 
 
 def output_path(case: Case, output_dir: Path) -> Path:
-    """``OUTPUT/CASE<suffix>``: the case name without channel postfix, in the input's format."""
-    return output_dir / f"{case.name}{case.suffix}"
+    """``OUTPUT/CASE<suffix>``: the case name without channel postfix, in the input's format (``.mha`` for ``.mhd``)."""
+    return output_dir / f"{case.name}{result_suffix(case.suffix)}"
 
 
 def _refuse_existing_outputs(cases: list[Case], output_dir: Path, options: InferenceOptions) -> None:
-    """Check every file this run will write: never an input, and no existing result without --overwrite."""
+    """Check every file this run will write: never an input, never twice, no existing result without --overwrite.
+
+    Two inputs can map to one output (``a.png`` and ``a.tif`` share ``a_prob.tif``; ``x.nii.gz``'s
+    probabilities are ``x_prob.nii.gz``, the labels of an input of that name): refused before anything is written.
+    """
     inputs = {p.resolve() for case in cases for p in case.paths}
-    planned = []
+    planned: dict[Path, Path] = {}
     for case in cases:
         label = output_path(case, output_dir)
-        planned.append(label)
-        if options.save_probabilities:
-            planned.append(probability_path(label, case.suffix))
+        outputs = [label, probability_path(label, case.suffix)] if options.save_probabilities else [label]
+        for path in outputs:
+            other = planned.setdefault(path, case.paths[0])
+            if other != case.paths[0]:
+                raise UsemaError(f"{path}: would be written for both {other} and {case.paths[0]}; rename one of them")
     for path in planned:
         if path.resolve() in inputs:
             raise UsemaError(f"{path}: the output would replace an input image; choose another --output")
@@ -194,7 +196,7 @@ def infer_case(
     """Segment one case and write its label map (and probabilities); returns its voxel count."""
     image, geometry = read_image(case.paths)
     check_image(image, case.paths[0], model)
-    labels, probs = segment_case(model, image, options, device, name=str(case.paths[0]))
+    labels, probs = segment_case(model, image, options, device, name=str(case.paths[0]), in_place=True)
     label_file = output_path(case, output_dir)
     if probs is not None:
         write_probabilities(probability_path(label_file, case.suffix), probs, geometry)
@@ -223,4 +225,5 @@ def run_inference(
         bar.set_postfix_str(case.name)
         voxels += infer_case(loaded, case, output_dir, options, device)
         outputs.append(output_path(case, output_dir))
+        fault_point("infer.case_done")
     return InferenceSummary(len(cases), voxels, time.perf_counter() - start, outputs)

@@ -16,14 +16,17 @@ def make_inferer(
     roi_size: Sequence[int],
     image_spatial_dims: int,
     net_spatial_dims: int,
-    slice_axis: int | None = None,
-    overlap: float = 0.5,
-    sw_batch_size: int = 4,
+    slice_axis: int | None,
+    *,
+    overlap: float,
+    sw_batch_size: int,
     mode: str = "gaussian",
     device: torch.device | str | None = None,
     sw_device: torch.device | str | None = None,
 ) -> Inferer:
     """Inferer for an image with ``image_spatial_dims`` spatial axes and a network with ``net_spatial_dims``.
+
+    ``overlap`` and ``sw_batch_size`` have no defaults here: the recipe's ``val`` section is their one source.
 
     ``device`` is where the stitched output lives (``"cpu"`` bounds GPU memory on large volumes);
     ``sw_device`` is where the windows run (default: the input's device).

@@ -11,7 +11,7 @@ from torch import nn
 
 from usema.nets.sema import SEMABlock
 
-__all__ = ["USEMA", "USEMAConfig", "PRESETS", "SEMA_PLACEMENTS"]
+__all__ = ["USEMA", "USEMAConfig", "PRESETS", "SEMA_PLACEMENTS", "fits_training"]
 
 SEMA_PLACEMENTS = ("enc", "bot", "skip", "none")
 
@@ -174,15 +174,18 @@ class USEMA(nn.Module):
             )
             for i in range(n - 1)
         )
-        # one 1x1 head per decoder stage; only the full-resolution one is used in eval mode
-        heads = n - 1 if cfg.deep_supervision else 1
-        self.heads = nn.ModuleList(conv(feats[i], out_channels, 1) for i in range(heads))
+        # one 1x1 head per decoder stage, built whether or not deep supervision is on (as nnU-Net's
+        # dynamic-network-architectures does), so that every checkpoint loads into every mode; only the
+        # full-resolution head runs outside deep-supervised training
+        self.heads = nn.ModuleList(conv(feats[i], out_channels, 1) for i in range(n - 1))
+        if not cfg.deep_supervision:
+            # unused heads get no gradient; DistributedDataParallel requires one for every trainable parameter
+            self.heads[1:].requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         size = x.shape[2:]
         pad = [(-s) % self.stride for s in size]
-        if self.training and min(s + p for s, p in zip(size, pad)) < 2 * self.stride:
-            # instance norm needs more than one voxel per channel at the bottleneck
+        if self.training and not fits_training(size, self.stride):
             raise ValueError(f"training patches need every side >= {2 * self.stride} for USEMA, got {tuple(size)}")
         if any(pad):
             x = F.pad(x, [p for d in reversed(pad) for p in (0, d)])
@@ -191,6 +194,7 @@ class USEMA(nn.Module):
             x = stage(x)
             skips.append(self.skip_sema[str(i)](x) if str(i) in self.skip_sema else x)
         x = skips.pop()
+        deep = self.training and self.config.deep_supervision
         outputs: list[torch.Tensor] = []
         for i in reversed(range(len(self.decoder))):
             fuse, *blocks = self.decoder[i]
@@ -199,7 +203,7 @@ class USEMA(nn.Module):
             x = fuse(torch.cat([self.upsample[i](x), skips.pop()], dim=1))
             for block in blocks:
                 x = block(x)
-            if i < len(self.heads) and (i == 0 or self.training):
+            if i == 0 or deep:
                 outputs.append(self.heads[i](x))
         outputs.reverse()  # full resolution first
         if any(pad):  # crop every output to its share of the unpadded input
@@ -207,7 +211,14 @@ class USEMA(nn.Module):
                 out[(slice(None), slice(None), *(slice(0, -(-s // 2**level)) for s in size))]
                 for level, out in enumerate(outputs)
             ]
-        return outputs if self.training and self.config.deep_supervision else outputs[0]
+        return outputs if deep else outputs[0]
+
+
+def fits_training(size: Sequence[int], stride: int) -> bool:
+    """Whether a training input of ``size`` fits a UNet of total ``stride``: after padding to a multiple of
+    the stride every side must be >= 2·stride, so that instance norm sees more than one voxel per channel at
+    the bottleneck."""
+    return min(s + (-s) % stride for s in size) >= 2 * stride
 
 
 def _tuples(overrides: dict[str, object]) -> dict[str, object]:

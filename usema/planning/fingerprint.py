@@ -13,11 +13,13 @@ import numpy as np
 from usema.data.nnunet import MAX_CLASSES, load_case, scan_dataset
 from usema.data.preprocess import foreground_sample
 from usema.errors import UsemaError
+from usema.io.files import read_input_text
 from usema.io.labels import geometry_spacing
 
 # nnU-Net samples 10,000 foreground voxels per case and channel for its intensity statistics
 SAMPLES_PER_CASE = 10_000
 FINGERPRINT_VERSION = 1
+MAX_FINGERPRINT_BYTES = 256 << 20
 
 
 def channel_statistics(samples: np.ndarray) -> dict[str, float]:
@@ -72,11 +74,9 @@ def fingerprint_dataset(root: str | Path, seed: int = 1234) -> dict[str, Any]:
 
 def read_fingerprint(path: Path) -> dict[str, Any]:
     """A stored fingerprint.json, with what planning reads checked (cases with positive shapes and spacings)."""
-    if not path.is_file():
-        raise UsemaError(f"{path}: expected a fingerprint.json written by `usema plan`")
     try:
-        fingerprint = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
+        fingerprint = json.loads(read_input_text(path, MAX_FINGERPRINT_BYTES, what="fingerprint"))
+    except ValueError as exc:
         raise UsemaError(f"{path}: expected JSON ({' '.join(str(exc).split())})") from None
     if not isinstance(fingerprint, dict) or not {"dataset", "cases", "channel_names", "labels"} <= fingerprint.keys():
         raise UsemaError(f"{path}: expected the keys dataset, cases, channel_names and labels")

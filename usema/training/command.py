@@ -12,15 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from usema.errors import UsemaError
 from usema.io.files import atomic_write_text, ensure_writable_dir
+from usema.run.layout import BEST, LAST, RECIPE, RUN_OUTPUTS, checkpoint_path, has_run
 
 if TYPE_CHECKING:
     from usema.training.distributed import DistContext
 
 # torch-importing modules are imported inside the functions so that `usema --help` stays fast
-LAST, BEST = "last.pt", "best.pt"
 
-# what a training run writes into its directory (--overwrite removes exactly these)
-RUN_OUTPUTS = ("recipe.yaml", "metrics.csv", "checkpoints", "plots", "tb")
 # recipe keys that may differ on --resume: they change speed or memory, never the numbers
 RESUME_FREE_KEYS = {"data.num_workers", "data.cache", "output.dir", "val.sw_batch_size"}
 
@@ -54,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise UsemaError("--resume and --overwrite: choose one (continue the run, or replace it)")
     recipe = load_recipe(args.recipe, args.overrides)
+    check_model_section(recipe, args.recipe)
+    if recipe.data.source == "nnunet":  # data.labels must be the dataset's own classes (issue 8)
+        from usema.data.nnunet import resolve_root  # noqa: PLC0415
+        from usema.evaluation.labels import check_recipe_labels  # noqa: PLC0415
+
+        check_recipe_labels(recipe.data.labels, args.recipe, resolve_root(recipe.data.root) / "dataset.json")
     run_dir = Path(args.output) if args.output else recipe.output_dir
     ctx = setup_distributed(args.device)
     try:
@@ -63,17 +67,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def has_run(run_dir: Path) -> bool:
-    """True when ``run_dir`` already holds (part of) a training run."""
-    return (run_dir / "recipe.yaml").exists() or (run_dir / "checkpoints" / LAST).exists()
+def check_model_section(recipe: Any, source: str) -> None:
+    """The recipe's ``model.overrides`` follow the network spec's rules (known keywords, typed, plain data)."""
+    from usema.run.spec import check_overrides  # noqa: PLC0415
+
+    check_overrides(recipe.model.name, recipe.model.overrides, f"{source}: model.overrides")
 
 
 def prepare_run_dir(run_dir: Path, ctx: DistContext, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Apply the refuse / resume / overwrite rules; returns the checkpoint to resume from, or None."""
+    """Apply the refuse / resume rules; returns the checkpoint to resume from, or None.
+
+    Nothing is removed here: ``--overwrite`` clears the previous run only once the recipe, the dataset and the
+    network have been validated (:func:`clear_previous_run`), so a refused rerun keeps the previous run.
+    """
     from usema.run.checkpoint import load_checkpoint  # noqa: PLC0415
     from usema.training.distributed import barrier  # noqa: PLC0415
 
-    last = run_dir / "checkpoints" / LAST
+    last = checkpoint_path(run_dir, LAST)
     if resume:
         if not run_dir.is_dir():
             raise UsemaError(f"{run_dir}: --resume: no such run directory")
@@ -90,12 +100,19 @@ def prepare_run_dir(run_dir: Path, ctx: DistContext, resume: bool, overwrite: bo
             f"{run_dir}: already holds a training run; pass --resume to continue it or --overwrite to replace it"
         )
     ensure_writable_dir(run_dir, "run directory")
-    if overwrite and ctx.is_main:
-        for name in RUN_OUTPUTS:
-            path = run_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     barrier(ctx)
     return None
+
+
+def clear_previous_run(run_dir: Path, ctx: DistContext) -> None:
+    """``--overwrite``: remove what an earlier run wrote (``RUN_OUTPUTS``), nothing else in the folder."""
+    from usema.training.distributed import barrier  # noqa: PLC0415
+
+    if ctx.is_main:
+        for name in RUN_OUTPUTS:
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    barrier(ctx)
 
 
 def _remove_stale_temporaries(checkpoint_dir: Path) -> None:
@@ -144,14 +161,16 @@ def train(recipe: Any, run_dir: Path, ctx: DistContext, resume: bool = False, ov
     ckpt = prepare_run_dir(run_dir, ctx, resume, overwrite)
     recipe_dict = recipe_to_dict(recipe)
     if ckpt is not None:
-        check_resume_recipe(ckpt["recipe"], recipe_dict, run_dir / "checkpoints" / LAST)
+        check_resume_recipe(ckpt["recipe"], recipe_dict, checkpoint_path(run_dir, LAST))
         recipe_dict = ckpt["recipe"]
     data = _prepare_data(recipe, run_dir, ctx)
     trainer = Trainer(recipe, recipe_dict, data, run_dir, ctx)  # before recipe.yaml: a refused run leaves no run
+    if overwrite:
+        clear_previous_run(run_dir, ctx)
     if ctx.is_main and ckpt is None:
-        atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        atomic_write_text(run_dir / RECIPE, dump_recipe(recipe))
     if ckpt is not None:
-        trainer.load_state_dict(ckpt)
+        trainer.load_state_dict(ckpt, checkpoint_path(run_dir, LAST))
     state = trainer.fit()
     if ctx.is_main:
         best = "-" if state.best_metric is None else f"{state.best_metric:.4f}"

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from usema.errors import UsemaError
+from usema.run.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -31,17 +31,6 @@ class DistContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
-    """``"cpu"`` / ``"cuda"`` / None (CUDA when available) -> the device of this process."""
-    if requested not in (None, "cpu", "cuda"):
-        raise UsemaError(f"--device: expected cpu or cuda, got {requested!r}")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UsemaError("--device cuda: no CUDA device is available (use --device cpu)")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
 
 
 def setup_distributed(requested_device: str | None = None) -> DistContext:

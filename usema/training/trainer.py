@@ -21,8 +21,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from usema.errors import UsemaError
+from usema.faults import fault_point
 from usema.training import reporting
-from usema.run.checkpoint import BEST, LAST, save_checkpoint
+from usema.run.checkpoint import save_checkpoint
+from usema.run.layout import BEST, LAST, METRICS, PLOTS, TENSORBOARD, checkpoint_path
+from usema.run.spec import build_network_from_spec, check_patch_size, load_weights, spec_for_recipe, spec_to_dict
 from usema.training.components import (
     GRAD_CLIP_NORM,
     build_loss,
@@ -53,57 +56,6 @@ class TrainState:
     epoch_loss_sum: float = 0.0
     epoch_loss_count: int = 0
     epoch_seconds: float = 0.0
-
-
-def network_spec(recipe: Any, in_channels: int, out_channels: int) -> dict[str, Any]:
-    """The ``network`` entry of a checkpoint: enough to rebuild the module with ``usema.nets.build_network``."""
-    return {
-        "name": recipe.model.name,
-        "spatial_dims": recipe.data.spatial_dims,
-        "in_channels": in_channels,
-        "out_channels": out_channels,
-        "preset": recipe.model.preset,
-        "overrides": dict(recipe.model.overrides),
-        "deep_supervision": bool(recipe.train.deep_supervision),
-    }
-
-
-def build_model(spec: dict[str, Any], img_size: list[int] | None = None) -> torch.nn.Module:
-    """Instantiate the network described by :func:`network_spec`; ``img_size`` = patch size (UNETR needs it)."""
-    from usema.nets import build_network  # noqa: PLC0415 - nets import torch-heavy modules lazily
-
-    try:
-        return build_network(
-            spec["name"],
-            spec["spatial_dims"],
-            spec["in_channels"],
-            spec["out_channels"],
-            preset=spec["preset"],
-            deep_supervision=spec["deep_supervision"],
-            img_size=img_size,
-            **spec["overrides"],
-        )
-    except (TypeError, ValueError) as exc:  # bad constructor arguments come from the recipe's model section
-        reason = " ".join(str(exc).split())
-        what = f"{spec['name']} (preset {spec['preset']}, overrides {spec['overrides']})"
-        raise UsemaError(f"model: cannot build {what}: {reason}") from exc
-
-
-def check_patch_size(network: torch.nn.Module, patch_size: list[int], spec: dict[str, Any]) -> None:
-    """Refuse ``data.patch_size`` now when the network cannot train on it (it would fail at the first step).
-
-    USEMA pads inputs to a multiple of its total ``stride`` and needs >= 2 voxels per side at the bottleneck
-    (instance norm); networks without a ``stride`` attribute check their inputs themselves.
-    """
-    stride = getattr(network, "stride", None)
-    if not isinstance(stride, int):
-        return
-    padded = [p + (-p) % stride for p in patch_size]
-    if min(padded) < 2 * stride:
-        raise UsemaError(
-            f"data.patch_size: expected every side >= {2 * stride} for {spec['name']} (preset {spec['preset']}), "
-            f"got {list(patch_size)}"
-        )
 
 
 def configure_determinism(device: torch.device) -> None:
@@ -142,11 +94,11 @@ class Trainer:
         self.num_classes = max(self.labels) + 1
         self.fg_names = [self.labels.get(k, str(k)) for k in range(1, self.num_classes)]
         self.columns = reporting.metric_columns(self.fg_names)
-        self.spec = network_spec(recipe, data.in_channels, self.num_classes)
+        self.spec = spec_for_recipe(recipe, data.in_channels, self.num_classes)
 
         configure_determinism(ctx.device)
         seed_everything(recipe.train.seed)
-        self.network = build_model(self.spec, list(recipe.data.patch_size)).to(ctx.device)
+        self.network = build_network_from_spec(self.spec, recipe.data.patch_size).to(ctx.device)
         check_patch_size(self.network, list(recipe.data.patch_size), self.spec)
         seed_everything(recipe.train.seed + ctx.rank)  # per-rank stream for stochastic layers (DropPath)
         self.model = self._wrap_ddp(self.network)
@@ -175,7 +127,7 @@ class Trainer:
         epoch, iteration = divmod(self.state.step, self.ipe)
         return {
             "model": self.network.state_dict(),
-            "network": self.spec,
+            "network": spec_to_dict(self.spec),
             "recipe": self.recipe_dict,
             "norm_stats": self.data.norm_stats,
             "labels": {str(k): v for k, v in sorted(self.labels.items())},
@@ -195,10 +147,16 @@ class Trainer:
             },
         }
 
-    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        """Restore a checkpoint written by :meth:`state_dict` (same recipe)."""
-        self.network.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+    def load_state_dict(self, ckpt: dict[str, Any], source: Path) -> None:
+        """Restore the checkpoint at ``source`` written by :meth:`state_dict` (same recipe)."""
+        load_weights(self.network, ckpt["model"], self.spec, str(source))
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:  # e.g. a USEMA checkpoint from before the heads were fixed
+            raise UsemaError(
+                f"{source}: optimizer: the stored state does not fit this network ({' '.join(str(exc).split())}); "
+                "start a new run"
+            ) from exc
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -221,7 +179,7 @@ class Trainer:
         error = None
         if self.ctx.is_main:
             try:
-                save_checkpoint(payload, self.run_dir / "checkpoints" / name)
+                save_checkpoint(payload, checkpoint_path(self.run_dir, name))
             except UsemaError as exc:
                 error = exc
         # doubles as the barrier: no rank runs ahead of a checkpoint that is still being written
@@ -229,7 +187,7 @@ class Trainer:
         if error is not None:
             raise error
         if failed.item():
-            raise UsemaError(f"{self.run_dir / 'checkpoints' / name}: rank 0 could not write the checkpoint")
+            raise UsemaError(f"{checkpoint_path(self.run_dir, name)}: rank 0 could not write the checkpoint")
 
     # ------------------------------------------------------------------------------------------ loop
     def _loader(self) -> DataLoader:
@@ -300,6 +258,7 @@ class Trainer:
                         self.state.epoch_seconds += time.monotonic() - epoch_start
                         epoch_start = time.monotonic()
                         self._save(LAST)
+                    fault_point("train.iteration")
                 bar.close()
                 self.state.epoch_seconds += time.monotonic() - epoch_start
                 self._end_epoch(epoch)
@@ -339,7 +298,7 @@ class Trainer:
             self.network,
             self.data.val_cases,
             self.num_classes,
-            roi_size=val.roi_size or self.recipe.data.patch_size,
+            roi_size=self.recipe.roi_size,
             net_spatial_dims=self.recipe.data.spatial_dims,
             slice_axis=self.recipe.data.slice_axis,
             ctx=self.ctx,
@@ -390,7 +349,7 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - only rank 0 needs tensorboard
 
         # purge_step drops events a killed run logged after its last checkpoint
-        return SummaryWriter(str(self.run_dir / "tb"), purge_step=self.state.step or None)
+        return SummaryWriter(str(self.run_dir / TENSORBOARD), purge_step=self.state.step or None)
 
     def _progress_bar(self, epoch: int, first: int) -> tqdm:
         enabled = self.ctx.is_main and sys.stderr.isatty()
@@ -408,8 +367,8 @@ class Trainer:
 
     def _report_epoch(self, row: dict[str, Any], result: ValidationResult | None) -> None:
         """metrics.csv, plots, tensorboard scalars + overlay, and one summary line on stdout."""
-        reporting.write_metrics_csv(self.run_dir / "metrics.csv", self.state.history, self.columns)
-        reporting.write_plots(self.run_dir / "plots", self.state.history, self.fg_names)
+        reporting.write_metrics_csv(self.run_dir / METRICS, self.state.history, self.columns)
+        reporting.write_plots(self.run_dir / PLOTS, self.state.history, self.fg_names)
         step = self.state.step
         for key, value in row.items():
             if key != "epoch" and value is not None:

@@ -46,8 +46,8 @@ def validate(
     net_spatial_dims: int,
     slice_axis: int,
     ctx: DistContext,
-    overlap: float = 0.5,
-    sw_batch_size: int = 4,
+    overlap: float,
+    sw_batch_size: int,
     autocast_dtype: torch.dtype | None = None,
 ) -> ValidationResult:
     """Predict every case (``{"image": (C, *spatial) float32, "label": (*spatial) int}``) and average Dice.
@@ -61,7 +61,9 @@ def validate(
     for index in range(ctx.rank, len(cases), ctx.world_size):
         case = cases[index]
         image = torch.from_numpy(np.ascontiguousarray(case["image"], dtype=np.float32))[None].to(ctx.device)
-        inferer = make_inferer(roi_size, image.ndim - 2, net_spatial_dims, slice_axis, overlap, sw_batch_size)
+        inferer = make_inferer(
+            roi_size, image.ndim - 2, net_spatial_dims, slice_axis, overlap=overlap, sw_batch_size=sw_batch_size
+        )
         with torch.autocast(ctx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = predict_logits(network, image, inferer)
         pred = logits[0].argmax(0).cpu()

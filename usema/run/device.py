@@ -1,0 +1,22 @@
+"""The one reading of ``--device``: where a command's network runs."""
+
+from __future__ import annotations
+
+import torch
+
+from usema.errors import UsemaError
+
+
+def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
+    """``cpu``, ``cuda`` (this process's GPU under torchrun: ``local_rank``), ``cuda:N``, or None for CUDA
+    when available, else the CPU. Asking for CUDA where there is none is a UsemaError."""
+    if requested is None:
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if requested == "cpu":
+        return torch.device("cpu")
+    index = requested.removeprefix("cuda:") if requested.startswith("cuda:") else None
+    if requested != "cuda" and not (index and index.isdigit()):
+        raise UsemaError(f"--device: expected cpu or cuda, got {requested!r}")
+    if not torch.cuda.is_available():
+        raise UsemaError(f"--device {requested}: no CUDA device is available (use --device cpu)")
+    return torch.device("cuda", local_rank if index is None else int(index))
