@@ -12,7 +12,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from usema.bench import flops, harness, memory, timing
 from usema.cli import main
-from usema.errors import UsemaError
 from usema.nets import SEMAAttention
 
 

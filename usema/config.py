@@ -53,9 +53,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """``init_from``: a run directory (its best.pt, else last.pt), a checkpoint file or an exported bundle whose
+    weights start a fresh run (fine-tuning); its network must be this one up to the class count
+    (docs/training.md, "Fine-tuning"). Ignored on ``--resume``, where the run's own checkpoint wins."""
+
     name: Literal["usema", "basicunet", "dynunet", "swinunetr", "unetr", "segresnet"] = "usema"
     preset: Literal["tiny", "small", "base"] = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
 
 
 @dataclass

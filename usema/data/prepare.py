@@ -148,21 +148,29 @@ class _NnunetLoader:
         self.target_spacing = target_spacing
 
     def __call__(self) -> tuple[np.ndarray, np.ndarray]:
-        image, label = at_target_spacing(nnunet.load_case(self.ds, self.case, self.labels), self.target_spacing)
-        return normalize(image, self.scheme, self.stats, self.case.name), _small_int(label)
+        loaded = nnunet.load_case(self.ds, self.case, self.labels)
+        image = normalize(loaded.image, self.scheme, self.stats, self.case.name)
+        image, label = at_target_spacing(image, loaded.label, loaded, self.target_spacing)
+        return image, _small_int(label)
 
 
-def at_target_spacing(loaded: nnunet.LoadedCase, target: list[float | None] | None) -> tuple[np.ndarray, np.ndarray]:
-    """(image, label) of a case resampled to ``data.target_spacing`` (unchanged when it is null)."""
+def at_target_spacing(image: np.ndarray | None, label: np.ndarray, loaded: nnunet.LoadedCase,
+                      target: list[float | None] | None) -> tuple[np.ndarray | None, np.ndarray]:
+    """(image, label) on the grid of ``loaded`` resampled to ``data.target_spacing`` (unchanged when it is null;
+    an image of None stays None).
+
+    As in nnU-Net, images are normalised on their own grid first and resampled after (so are they at inference).
+    """
     if target is None:
-        return loaded.image, loaded.label
+        return image, label
     spacing = geometry_spacing(loaded.geometry)
     if len(spacing) != len(target):
         raise UsemaError(f"{loaded.name}: data.target_spacing has {len(target)} entries but the image has "
                          f"{len(spacing)} axes; expected one spacing per image axis")
-    shape = target_shape(loaded.label.shape, spacing, target)
+    shape = target_shape(label.shape, spacing, target)
     kept = [a for a, t in enumerate(target) if t is None]
-    return resample_image(loaded.image, spacing, target), resample_labels(loaded.label, shape, kept)
+    image = None if image is None else resample_image(image, spacing, target)
+    return image, resample_labels(label, shape, kept)
 
 
 def _split(recipe: Recipe, root: Path, names: list[str], work_dir: Path) -> tuple[list[str], list[str]]:
@@ -200,24 +208,27 @@ def _prepare_nnunet(recipe: Recipe, work_dir: Path) -> PreparedData:
     for name in train_names:
         loaded = nnunet.load_case(ds, by_name[name], labels)
         _check_dims(recipe, loaded, by_name[name].images[0])
-        image, label = at_target_spacing(loaded, d.target_spacing)
-        if need_stats:
-            samples.append(foreground_sample(image, label, budget, rng, name))
-        raw_cases.append((name, image if d.cache else None, label))
+        if need_stats:  # on the image's own grid, as nnU-Net's fingerprint
+            samples.append(foreground_sample(loaded.image, loaded.label, budget, rng, name))
+        if not d.cache:
+            loaded.image = None
+        raw_cases.append(loaded)
     if need_stats:
         stats = stats_from_samples(samples)
         _save_stats(work_dir, stats, fingerprint)
     cases = []
     while raw_cases:  # pop so that each raw volume is freed once normalised
-        name, image, label = raw_cases.pop(0)
-        loader = _NnunetLoader(ds, by_name[name], labels, d.normalization, stats, d.target_spacing)
-        normalised = normalize(image, d.normalization, stats, name) if image is not None else None
-        cases.append(make_case(name, normalised, label, cache=d.cache, loader=loader))
+        loaded = raw_cases.pop(0)
+        loader = _NnunetLoader(ds, by_name[loaded.name], labels, d.normalization, stats, d.target_spacing)
+        image = normalize(loaded.image, d.normalization, stats, loaded.name) if loaded.image is not None else None
+        image, label = at_target_spacing(image, loaded.label, loaded, d.target_spacing)  # uncached: the label only
+        cases.append(make_case(loaded.name, image, label, cache=d.cache, loader=loader))
     val_cases = []
     for name in val_names:
-        image, label = at_target_spacing(nnunet.load_case(ds, by_name[name], labels), d.target_spacing)
-        val_cases.append({"name": name, "image": normalize(image, d.normalization, stats, name),
-                          "label": _small_int(label)})
+        loaded = nnunet.load_case(ds, by_name[name], labels)
+        image = normalize(loaded.image, d.normalization, stats, name)
+        image, label = at_target_spacing(image, loaded.label, loaded, d.target_spacing)
+        val_cases.append({"name": name, "image": image, "label": _small_int(label)})
     in_channels = len(ds.channel_names)
     return PreparedData(_patch_dataset(recipe, cases), val_cases, labels, in_channels, stats)
 

@@ -11,12 +11,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from usema.data.preprocess import normalize
+from usema.data.resample import probability_blocks, resample_image
 from usema.errors import UsemaError
 from usema.faults import fault_point
 from usema.io.files import ensure_writable_dir, refuse_existing
@@ -30,6 +32,7 @@ from usema.io.images import (
     write_label,
     write_probabilities,
 )
+from usema.io.labels import geometry_spacing
 from usema.inference.model_loading import LoadedModel, load_model
 from usema.inference.predictor import make_inferer, predict_logits
 from usema.run.device import resolve_device
@@ -144,11 +147,13 @@ def segment_case(
     device: torch.device,
     name: str = "image",
     in_place: bool = False,
+    spacing: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Labels (*spatial) and, with ``options.save_probabilities``, softmax probabilities (K, *spatial) float32.
 
-    The image (C, *spatial) is normalised whole (per-image statistics; overwriting ``image`` when ``in_place``),
-    then predicted in ``slice_chunks``.
+    The image (C, *spatial) with voxel ``spacing`` (mm) is normalised whole (per-image statistics; overwriting
+    ``image`` when ``in_place``), then predicted in ``slice_chunks``; a model trained at ``data.target_spacing``
+    predicts each chunk there and its probabilities come back onto the input's grid before the argmax.
     """
     normalized = preprocess(image, model, name, in_place)
     spatial = tuple(image.shape[1:])
@@ -157,11 +162,50 @@ def segment_case(
     axis, chunks = slice_chunks(model, spatial)
     for chunk in chunks:
         index = tuple(chunk if a == axis else slice(None) for a in range(len(spatial)))
-        logits = _logits(model, normalized[(slice(None), slice(None), *index)].contiguous(), options, device)
-        labels[index] = logits.argmax(dim=0).numpy()
-        if probs is not None:
-            probs[(slice(None), *index)] = torch.softmax(logits, dim=0).numpy()
+        block = normalized[(slice(None), slice(None), *index)].contiguous()
+        for within, scores, are_probabilities in _chunk_scores(model, block, options, device, spacing, name):
+            where = tuple(_compose(outer, inner) for outer, inner in zip(index, within))
+            labels[where] = scores.argmax(axis=0)
+            if probs is not None:
+                probs[(slice(None), *where)] = scores if are_probabilities else _softmax(scores)
     return labels, probs
+
+
+def _chunk_scores(
+    model: LoadedModel, block: torch.Tensor, options: InferenceOptions, device: torch.device,
+    spacing: Sequence[float] | None, name: str,
+) -> Iterator[tuple[tuple[slice, ...], np.ndarray, bool]]:
+    """(where in the block, class scores (K, *part), whether they are probabilities) for a normalised block.
+
+    Without a target spacing: the block's logits at once. With one: the block resampled to the target spacing,
+    its softmax probabilities there, returned to the block's grid part by part (``probability_blocks``).
+    """
+    shape = tuple(block.shape[2:])
+    target = model.recipe.data.target_spacing
+    if target is None:
+        yield tuple(slice(None) for _ in shape), _logits(model, block, options, device).numpy(), False
+        return
+    if spacing is None or len(spacing) != len(target):
+        raise UsemaError(f"{name}: this model predicts at data.target_spacing {target}; expected an image with "
+                         f"{len(target)} voxel spacings, got {None if spacing is None else list(spacing)}")
+    at_target = resample_image(block[0].numpy(), spacing, target)
+    logits = _logits(model, torch.from_numpy(at_target)[None], options, device)
+    kept = [a for a, t in enumerate(target) if t is None]
+    axis = kept[0] if kept else len(shape) - 1
+    for part, scores in probability_blocks(_softmax(logits.numpy()), shape, axis):
+        yield tuple(part if a == axis else slice(None) for a in range(len(shape))), scores, True
+
+
+def _compose(outer: slice, inner: slice) -> slice:
+    """The slice ``inner`` taken within the slice ``outer`` (both with step 1; ``slice(None)`` = everything)."""
+    start = outer.start or 0
+    if inner.start is None and inner.stop is None:
+        return outer
+    return slice(start + (inner.start or 0), start + inner.stop)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(logits), dim=0).numpy()
 
 
 def output_path(case: Case, output_dir: Path) -> Path:
@@ -196,7 +240,8 @@ def infer_case(
     """Segment one case and write its label map (and probabilities); returns its voxel count."""
     image, geometry = read_image(case.paths)
     check_image(image, case.paths[0], model)
-    labels, probs = segment_case(model, image, options, device, name=str(case.paths[0]), in_place=True)
+    labels, probs = segment_case(model, image, options, device, name=str(case.paths[0]), in_place=True,
+                                 spacing=geometry_spacing(geometry))
     label_file = output_path(case, output_dir)
     if probs is not None:
         write_probabilities(probability_path(label_file, case.suffix), probs, geometry)

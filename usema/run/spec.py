@@ -198,6 +198,65 @@ def load_weights(network: nn.Module, state: Any, spec: NetworkSpec, source: str)
         raise UsemaError(f"{source}: weights do not match the network {spec.describe()} the checkpoint describes")
 
 
+def check_same_architecture(source: NetworkSpec, target: NetworkSpec, where: str) -> None:
+    """Refuse weights of another network for ``target``: the specs decide (name, spatial_dims, in_channels,
+    overrides, and the preset where it shapes the network), never how many tensors happen to fit.
+
+    ``out_channels`` may differ (fine-tuning to other classes), and ``deep_supervision`` too (USEMA always has
+    its heads; a peer's extra heads are just tensors the other side lacks).
+    """
+    if source.name != target.name:
+        raise UsemaError(f"{where}: expected weights of a {target.name} network (this recipe's), got {source.name}")
+    fields = ["spatial_dims", "in_channels", "overrides"]
+    if target.name == "usema":  # the MONAI peers ignore the preset
+        fields.insert(0, "preset")
+    for name in fields:
+        expected, got = getattr(target, name), getattr(source, name)
+        if got != expected:
+            raise UsemaError(
+                f"{where}: expected weights of {target.name} with {name} {expected!r} (this recipe's network), "
+                f"got {name} {got!r}"
+            )
+
+
+@dataclass(frozen=True)
+class WeightTransfer:
+    """What :func:`load_matching_weights` did: tensor names loaded, and those skipped on either side."""
+
+    loaded: list[str]
+    skipped: list[str]
+
+    def describe(self, shown: int = 4) -> str:
+        """``loaded 120 tensors, skipped 4 (heads.0.conv.weight, ...)``: the skipped names abbreviated."""
+        text = f"loaded {len(self.loaded)} tensors, skipped {len(self.skipped)}"
+        if not self.skipped:
+            return text
+        names = ", ".join(self.skipped[:shown])
+        more = f", ... {len(self.skipped) - shown} more" if len(self.skipped) > shown else ""
+        return f"{text} ({names}{more})"
+
+
+def load_matching_weights(network: nn.Module, state: Any, source: str) -> WeightTransfer:
+    """Copy every tensor of ``state`` whose name and shape match ``network``'s; the rest of ``network`` keeps
+    its current (fresh) values, e.g. the output heads when the class count differs.
+
+    Skipped are the names on either side without a same-shaped counterpart. Call it only after
+    :func:`check_same_architecture`: matching names alone do not make two networks the same.
+    """
+    if not isinstance(state, Mapping):
+        raise UsemaError(f"{source}: model: expected a state dict (a mapping of tensors)")
+    import torch  # noqa: PLC0415 - torch-heavy
+
+    own = network.state_dict()
+    fits = {
+        key: value for key, value in state.items()
+        if key in own and isinstance(value, torch.Tensor) and value.shape == own[key].shape
+    }
+    network.load_state_dict(fits, strict=False)
+    skipped = [key for key in own if key not in fits] + [str(key) for key in state if key not in own]
+    return WeightTransfer(loaded=list(fits), skipped=skipped)
+
+
 def check_patch_size(network: nn.Module, patch_size: Sequence[int], spec: NetworkSpec) -> None:
     """Refuse ``data.patch_size`` now when the network cannot train on it (it would fail at the first step)."""
     from usema.nets.usema import fits_training  # noqa: PLC0415

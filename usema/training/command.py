@@ -15,6 +15,7 @@ from usema.io.files import atomic_write_text, ensure_writable_dir
 from usema.run.layout import BEST, LAST, RECIPE, RUN_OUTPUTS, checkpoint_path, has_run
 
 if TYPE_CHECKING:
+    from usema.run.checkpoint import StoredModel
     from usema.training.distributed import DistContext
 
 # torch-importing modules are imported inside the functions so that `usema --help` stays fast
@@ -142,6 +143,22 @@ def check_resume_recipe(stored: dict[str, Any], current: dict[str, Any], checkpo
         raise UsemaError(f"{checkpoint}: --resume with a different recipe ({details}); use the run's recipe.yaml")
 
 
+def read_init_source(init_from: str) -> StoredModel:
+    """The validated model ``model.init_from`` names: a run directory (best.pt, else last.pt, as ``usema infer``
+    resolves it), a checkpoint file or a bundle, read weights-only; errors name the key and the file."""
+    from usema.inference.model_loading import resolve_model_path  # noqa: PLC0415
+    from usema.run.checkpoint import read_stored_model  # noqa: PLC0415
+
+    if not init_from.strip():
+        raise UsemaError("model.init_from: expected a run directory, checkpoint or bundle, or null; got ''")
+    try:
+        stored = read_stored_model(resolve_model_path(init_from))
+    except UsemaError as exc:
+        raise UsemaError(f"model.init_from: {exc}") from exc
+    stored.source = stored.source.resolve()
+    return stored
+
+
 def _prepare_data(recipe: Any, run_dir: Path, ctx: DistContext) -> Any:
     """Rank 0 prepares first (it may compute and cache normalisation statistics), then the others."""
     from usema.data import prepare_data  # noqa: PLC0415
@@ -163,8 +180,11 @@ def train(recipe: Any, run_dir: Path, ctx: DistContext, resume: bool = False, ov
     if ckpt is not None:
         check_resume_recipe(ckpt["recipe"], recipe_dict, checkpoint_path(run_dir, LAST))
         recipe_dict = ckpt["recipe"]
+    # a resumed run continues from its own checkpoint: the init_from source is not read again (it may be gone)
+    init = read_init_source(recipe.model.init_from) if ckpt is None and recipe.model.init_from is not None else None
     data = _prepare_data(recipe, run_dir, ctx)
-    trainer = Trainer(recipe, recipe_dict, data, run_dir, ctx)  # before recipe.yaml: a refused run leaves no run
+    # before recipe.yaml: a refused run leaves no run
+    trainer = Trainer(recipe, recipe_dict, data, run_dir, ctx, init=init)
     if overwrite:
         clear_previous_run(run_dir, ctx)
     if ctx.is_main and ckpt is None:

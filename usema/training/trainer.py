@@ -23,9 +23,17 @@ from tqdm import tqdm
 from usema.errors import UsemaError
 from usema.faults import fault_point
 from usema.training import reporting
-from usema.run.checkpoint import save_checkpoint
+from usema.run.checkpoint import StoredModel, save_checkpoint
 from usema.run.layout import BEST, LAST, METRICS, PLOTS, TENSORBOARD, checkpoint_path
-from usema.run.spec import build_network_from_spec, check_patch_size, load_weights, spec_for_recipe, spec_to_dict
+from usema.run.spec import (
+    build_network_from_spec,
+    check_patch_size,
+    check_same_architecture,
+    load_matching_weights,
+    load_weights,
+    spec_for_recipe,
+    spec_to_dict,
+)
 from usema.training.components import (
     GRAD_CLIP_NORM,
     build_loss,
@@ -56,6 +64,8 @@ class TrainState:
     epoch_loss_sum: float = 0.0
     epoch_loss_count: int = 0
     epoch_seconds: float = 0.0
+    # where a fine-tuning run started: {"path", "loaded", "skipped"} (model.init_from), else None
+    init_from: dict[str, Any] | None = None
 
 
 def configure_determinism(device: torch.device) -> None:
@@ -83,9 +93,18 @@ class Trainer:
             labels ``{int: name}``, in_channels, norm_stats.
         run_dir: output folder; ``checkpoints/``, ``metrics.csv``, ``plots/``, ``tb/`` go there.
         ctx: process placement (see :func:`usema.training.distributed.setup_distributed`).
+        init: the stored model whose matching weights start a fresh run (``model.init_from``); None otherwise.
     """
 
-    def __init__(self, recipe: Any, recipe_dict: dict[str, Any], data: Any, run_dir: Path, ctx: DistContext):
+    def __init__(
+        self,
+        recipe: Any,
+        recipe_dict: dict[str, Any],
+        data: Any,
+        run_dir: Path,
+        ctx: DistContext,
+        init: StoredModel | None = None,
+    ):
         self.recipe, self.recipe_dict, self.data, self.ctx = recipe, recipe_dict, data, ctx
         self.run_dir = Path(run_dir)
         self.ipe = recipe.train.iterations_per_epoch
@@ -100,6 +119,9 @@ class Trainer:
         seed_everything(recipe.train.seed)
         self.network = build_network_from_spec(self.spec, recipe.data.patch_size).to(ctx.device)
         check_patch_size(self.network, list(recipe.data.patch_size), self.spec)
+        self.state = TrainState()
+        if init is not None:
+            self._initialise_from(init)
         seed_everything(recipe.train.seed + ctx.rank)  # per-rank stream for stochastic layers (DropPath)
         self.model = self._wrap_ddp(self.network)
         self.loss_fn = build_loss()
@@ -109,9 +131,19 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, recipe.train.schedule, self.total_steps)
         self.amp_dtype = _amp_dtype(ctx.device, recipe.train.amp)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
-        self.state = TrainState()
         self.last_lr = recipe.train.lr
         self.writer = None
+
+    def _initialise_from(self, init: StoredModel) -> None:
+        """Fine-tuning: the freshly built network takes every matching tensor of ``init``; the rest (the output
+        heads when the class count differs) keeps the seeded fresh initialisation. Loading draws no random
+        numbers, so the run's RNG streams are those of a run from scratch."""
+        where = f"model.init_from: {init.source}"
+        check_same_architecture(init.spec, self.spec, where)
+        transfer = load_matching_weights(self.network, init.weights, where)
+        self.state.init_from = {"path": str(init.source), "loaded": len(transfer.loaded), "skipped": transfer.skipped}
+        if self.ctx.is_main:
+            print(f"usema: model.init_from {init.source}: {transfer.describe()}", flush=True)
 
     def _wrap_ddp(self, network: torch.nn.Module) -> torch.nn.Module:
         if not self.ctx.distributed:
@@ -144,6 +176,7 @@ class Trainer:
                 "epoch_loss_sum": loss_sum,  # over all ranks; restored on rank 0
                 "epoch_loss_count": loss_count,
                 "epoch_seconds": self.state.epoch_seconds,
+                "init_from": self.state.init_from,
             },
         }
 
@@ -168,6 +201,7 @@ class Trainer:
             epoch_loss_sum=metrics["epoch_loss_sum"] if self.ctx.is_main else 0.0,
             epoch_loss_count=metrics["epoch_loss_count"] if self.ctx.is_main else 0,
             epoch_seconds=metrics["epoch_seconds"],
+            init_from=metrics.get("init_from"),  # absent in checkpoints of runs from scratch written earlier
         )
         ranks = ckpt["rng"]["ranks"]
         # a different world size cannot reproduce the old streams; rank 0's is the closest
