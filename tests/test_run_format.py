@@ -144,3 +144,17 @@ def test_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device(None, local_rank=1) == torch.device("cuda", 1)
     assert resolve_device("cuda:2") == torch.device("cuda", 2)
+
+
+@pytest.mark.parametrize("patch, message", [([40, 64], "multiples of the network's stride 16"),
+                                            ([16, 64], "every side >= 32")])
+def test_a_patch_the_network_would_pad_is_refused(patch: list[int], message: str) -> None:
+    """Sides must be multiples of USEMA's total stride (else every patch is padded and the padding trained on)."""
+    from usema.run.spec import check_patch_size
+
+    spec = tiny_spec(overrides={**TINY_USEMA, "features": [8, 16, 32, 64, 64], "encoder_blocks": [1] * 5})
+    network = build_network_from_spec(spec)
+    assert network.stride == 16
+    check_patch_size(network, [32, 64], spec)  # multiples of 16, each side >= 32: accepted
+    with pytest.raises(UsemaError, match=f"data.patch_size: expected {message}"):
+        check_patch_size(network, patch, spec)

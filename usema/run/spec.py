@@ -266,6 +266,10 @@ def check_patch_size(network: nn.Module, patch_size: Sequence[int], spec: Networ
         raise UsemaError(
             f"data.patch_size: expected every side >= {2 * stride} for {spec.describe()}, got {list(patch_size)}"
         )
+    if isinstance(stride, int) and any(side % stride for side in patch_size):
+        # the network would pad every patch to the next multiple and train on the padding
+        raise UsemaError(f"data.patch_size: expected multiples of the network's stride {stride} for "
+                         f"{spec.describe()}, got {list(patch_size)}")
 
 
 # ---------------------------------------------------------------------------------------------
