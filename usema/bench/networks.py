@@ -7,8 +7,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from usema.bench.settings import IN_CHANNELS, MIN_SIZE, OUT_CHANNELS, SIZE_DIVISOR, parse_net
+from usema.bench.settings import IN_CHANNELS, NETWORK_STRIDE, OUT_CHANNELS, SIZE_DIVISOR, parse_net
 from usema.errors import UsemaError
+from usema.nets.usema import fits_training
 
 def build_bench_network(name: str, spatial_dims: int, size: int) -> nn.Module:
     """The benchmarked network ``name`` (e.g. 'usema-base', 'dynunet') for (size,)*spatial_dims inputs, 1 -> 4 ch.
@@ -25,9 +26,10 @@ def build_bench_network(name: str, spatial_dims: int, size: int) -> nn.Module:
 
 
 def check_sizes(nets: Sequence[str], sizes: Sequence[int], key: str = "--sizes") -> None:
-    """Every side at least ``MIN_SIZE`` and a multiple of each net's patch divisor, else a UsemaError on ``key``."""
-    if any(s < MIN_SIZE for s in sizes):
-        raise UsemaError(f"{key}: sides of at least {MIN_SIZE} expected, got {list(sizes)}")
+    """Every side trainable by the networks (the training-size rule) and a multiple of each net's patch divisor,
+    else a UsemaError on ``key``."""
+    if not all(fits_training([s], NETWORK_STRIDE) for s in sizes):
+        raise UsemaError(f"{key}: sides of at least {2 * NETWORK_STRIDE} expected, got {list(sizes)}")
     for net in nets:
         divisor = SIZE_DIVISOR.get(net, 1)
         bad = [s for s in sizes if s % divisor]

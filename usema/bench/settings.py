@@ -19,8 +19,8 @@ USEMA_PRESETS = ("tiny", "small", "base")
 DEFAULT_SIZES = {2: (256, 512, 1024), 3: (64, 96, 128)}
 DEFAULT_TRAIN_SIZE = {2: 256, 3: 64}
 QUICK_SIZE = {2: 64, 3: 64}
-# five stride-2 levels (DynUNet, USEMA) must leave >= 2 pixels per side for instance norm
-MIN_SIZE = 64
+# total stride of the benchmarked UNets (five stride-2 levels: DynUNet, the 6-stage USEMA presets)
+NETWORK_STRIDE = 32
 # input sides must be multiples of the ViT patch (UNETR) or of patch * 2**stages (SwinUNETR)
 SIZE_DIVISOR = {"unetr": 16, "swinunetr": 32}
 
