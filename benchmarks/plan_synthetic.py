@@ -18,7 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-LABELS_13 = {str(i): f"organ_{i}" for i in range(14)} | {"0": "background"}
+
+
+def recipe_labels(name: str) -> dict[str, str]:
+    """The class names of a packaged recipe (the real dataset's, so planned recipes pass the label check)."""
+    from usema.config import load_recipe  # noqa: PLC0415
+
+    return {str(k): v for k, v in load_recipe(name).data.labels.items()}
 
 
 def flare22_like(rng: np.random.Generator) -> dict:
@@ -28,7 +34,7 @@ def flare22_like(rng: np.random.Generator) -> dict:
         xy, z = rng.uniform(0.6, 0.98), rng.choice([2.5, 3.0, 5.0])
         cases.append({"name": f"flare_{i:03d}", "shape": [512, 512, int(rng.uniform(300, 500) / z)],
                       "spacing": [float(xy), float(xy), float(z)]})
-    return {"dataset": "FLARE22-like", "channel_names": {"0": "CT"}, "labels": LABELS_13, "cases": cases}
+    return {"dataset": "FLARE22-like", "channel_names": {"0": "CT"}, "labels": recipe_labels("flare22"), "cases": cases}
 
 
 def amos_mr_like(rng: np.random.Generator) -> dict:
@@ -39,7 +45,7 @@ def amos_mr_like(rng: np.random.Generator) -> dict:
         xy = float(rng.uniform(0.6, 1.5))
         cases.append({"name": f"amos_{i:03d}", "shape": [side, side, int(rng.integers(60, 111))],
                       "spacing": [xy, xy, float(rng.uniform(1.5, 6.0))]})
-    return {"dataset": "AMOS-MR-like", "channel_names": {"0": "MR"}, "labels": LABELS_13, "cases": cases}
+    return {"dataset": "AMOS-MR-like", "channel_names": {"0": "MR"}, "labels": recipe_labels("amos_mr"), "cases": cases}
 
 
 def neurips_cell_like(rng: np.random.Generator) -> dict:
@@ -47,7 +53,14 @@ def neurips_cell_like(rng: np.random.Generator) -> dict:
     cases = [{"name": f"cell_{i:04d}", "shape": [int(rng.integers(300, 2001)), int(rng.integers(300, 2001))],
               "spacing": [1.0, 1.0]} for i in range(1000)]
     return {"dataset": "NeurIPSCell-like", "channel_names": {"0": "R", "1": "G", "2": "B"},
-            "labels": {"0": "background", "1": "interior", "2": "boundary"}, "cases": cases}
+            "labels": recipe_labels("neurips_cell"), "cases": cases}
+
+
+def endovis17_like(rng: np.random.Generator) -> dict:
+    """EndoVis 2017 robotic instruments: 8 × 225 training frames of 1280 × 1024 RGB, unit spacing."""
+    cases = [{"name": f"frame_{i:04d}", "shape": [1024, 1280], "spacing": [1.0, 1.0]} for i in range(1800)]
+    return {"dataset": "Endovis17-like", "channel_names": {"0": "R", "1": "G", "2": "B"},
+            "labels": recipe_labels("endovis17"), "cases": cases}
 
 
 def measured_step_peak_mib(dims: int, channels: int, classes: int, patch: list[int], preset: str,
@@ -91,7 +104,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
     for make, configs in ((flare22_like, [(2, "base"), (3, "base")]), (amos_mr_like, [(2, "base")]),
-                          (neurips_cell_like, [(2, "base")])):
+                          (neurips_cell_like, [(2, "base")]), (endovis17_like, [(2, "base")])):
         fingerprint = make(rng)
         folder = args.output.parent / "fingerprints"
         folder.mkdir(parents=True, exist_ok=True)
