@@ -31,8 +31,9 @@ LAYERS: dict[str, int] = {
     "training": 6,
     "bundle": 6,
     "bench": 6,
-    "cli": 7,
-    "__main__": 8,
+    "crossval": 7,
+    "cli": 8,
+    "__main__": 9,
     "__init__": 0,
 }
 # the CLI may import the command modules only (lazily); nothing else in the package may import the CLI

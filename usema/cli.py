@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "usema.comparison.command",
         "paired per-case comparison of two methods: Wilcoxon p, bootstrap CI, seed spread",
     ),
+    "cv": (
+        "usema.crossval.command",
+        "cross-validate a recipe: train every fold, score the folds' predictions, choose post-processing",
+    ),
     "plan": (
         "usema.planning.command",
         "fingerprint an nnU-Net dataset and plan a recipe (spacing, patch, batch, stages) for a memory budget",

@@ -1,4 +1,4 @@
-"""``usema datasets check ROOT`` and ``usema datasets export-demo {brain,nuclei} --output DIR``."""
+"""``usema datasets check ROOT`` and ``usema datasets export-demo {brain,nuclei} --output DIR [--tiles N]``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import tifffile
 
 from usema.data import demos, nnunet
+from usema.errors import UsemaError
 from usema.io.files import atomic_path, atomic_write_text, refuse_existing
 
 
@@ -28,6 +29,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--output", required=True, help="folder to create (imagesTs/, labelsTs/, dataset.json)")
     export.add_argument("--target", choices=sorted(demos.NUCLEI_LABELS), default="binary",
                         help="nuclei label classes (default: binary)")
+    export.add_argument("--tiles", type=int, default=None, metavar="N",
+                        help="nuclei: cut the training columns 0-383 into N x N training cases (imagesTr/labelsTr); "
+                        "the held-out columns 384-511 become the test case")
     export.add_argument("--overwrite", action="store_true", help="replace files already in --output")
     export.set_defaults(func=run_export)
 
@@ -78,11 +82,11 @@ def _write(path: Path, write: Callable[[Path], object]) -> None:
         write(tmp)
 
 
-def _dataset_json(channel: str, labels: dict[int, str], ending: str) -> str:
+def _dataset_json(channel: str, labels: dict[int, str], ending: str, num_training: int = 0) -> str:
     meta = {
         "channel_names": {"0": channel},
         "labels": {name: value for value, name in labels.items()},
-        "numTraining": 0,
+        "numTraining": num_training,
         "file_ending": ending,
     }
     return json.dumps(meta, indent=2) + "\n"
@@ -113,10 +117,36 @@ def export_nuclei(output: Path, target: str = "binary", overwrite: bool = False)
     return [image, label, meta]
 
 
+def export_nuclei_tiles(output: Path, tiles: int, target: str = "binary", overwrite: bool = False) -> list[Path]:
+    """The training columns 0..383 as ``tiles`` x ``tiles`` nnU-Net training cases ``nuclei_NNN`` (row by row),
+    the held-out columns 384..511 as the test case ``nuclei_test`` (imagesTs/labelsTs): cross-validation on
+    the tiles never sees the held-out columns."""
+    files = demos.nuclei_files()
+    raw, instances = tifffile.imread(files["image"]), tifffile.imread(files["mask"])
+    label = demos.instance_to_semantic(instances, target)
+    cut = demos.nuclei_tiles(tiles, raw.shape)
+    split = demos.NUCLEI_VAL_COLUMN
+    cases = [("Tr", f"nuclei_{i:03d}", window) for i, window in enumerate(cut)]
+    cases.append(("Ts", "nuclei_test", (slice(None), slice(split, None))))
+    planned = [(output / f"images{part}" / f"{name}_0000.tif", output / f"labels{part}" / f"{name}.tif", window)
+               for part, name, window in cases]
+    meta = output / "dataset.json"
+    refuse_existing([p for image, lab, _ in planned for p in (image, lab)] + [meta], overwrite, "demo dataset file")
+    for image, lab, window in planned:
+        _write(image, lambda p, w=window: tifffile.imwrite(p, np.ascontiguousarray(raw[w])))
+        _write(lab, lambda p, w=window: tifffile.imwrite(p, np.ascontiguousarray(label[w])))
+    atomic_write_text(meta, _dataset_json("fluorescence", demos.NUCLEI_LABELS[target], ".tif", len(cut)))
+    return [p for image, lab, _ in planned for p in (image, lab)] + [meta]
+
+
 def run_export(args: argparse.Namespace) -> int:
     output = Path(args.output)
+    if args.tiles is not None and args.demo != "nuclei":
+        raise UsemaError("--tiles: only the nuclei demo is cut into tiles")
     if args.demo == "brain":
         written = export_brain(output, args.overwrite)
+    elif args.tiles is not None:
+        written = export_nuclei_tiles(output, args.tiles, args.target, args.overwrite)
     else:
         written = export_nuclei(output, args.target, args.overwrite)
     for path in written:

@@ -111,6 +111,16 @@ def instance_to_semantic(instances: np.ndarray, target: str) -> np.ndarray:
     return np.where(foreground, np.where(touches_other, 2, 1), 0).astype(np.uint8)
 
 
+def nuclei_tiles(tiles: int, shape: tuple[int, int] = (512, 512)) -> list[tuple[slice, slice]]:
+    """(rows, columns) of ``tiles`` x ``tiles`` tiles covering the training columns 0..383 of the nuclei image, row
+    by row: rows cut into ``tiles`` bands, the training columns into ``tiles`` bands (near-equal sizes)."""
+    if not 1 <= tiles <= 32:
+        raise UsemaError(f"--tiles: expected 1..32 tiles per side, got {tiles}")
+    rows = np.array_split(np.arange(shape[0]), tiles)
+    cols = np.array_split(np.arange(NUCLEI_VAL_COLUMN), tiles)
+    return [(slice(r[0], r[-1] + 1), slice(c[0], c[-1] + 1)) for r in rows for c in cols]
+
+
 def load_nuclei() -> tuple[np.ndarray, np.ndarray]:
     """The nuclei image (512, 512) float32 and its instance mask (512, 512) int32."""
     files = nuclei_files()

@@ -1,4 +1,5 @@
-"""`usema infer MODEL --input FILE_OR_DIR --output DIR`: segment images with a trained model."""
+"""`usema infer MODEL [MODEL ...] --input FILE_OR_DIR --output DIR`: segment images with a trained model or an
+ensemble (several models, or a cv directory)."""
 
 from __future__ import annotations
 
@@ -25,10 +26,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="segment NIfTI / NRRD / MHA volumes or PNG / TIFF images with a trained model",
         description=(
             "Segment every case of --input with MODEL (a run directory, a checkpoint or an exported bundle). "
+            "Several MODELs, or a cv directory (usema cv: its folds, then its chosen post-processing), are an "
+            "ensemble: their softmax probabilities are averaged before the argmax. "
             "Outputs keep the input's grid exactly and are named CASE<suffix> (nnU-Net channel postfix removed)."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="run directory, checkpoint file (.pt) or bundle directory")
+    parser.add_argument("model", metavar="MODEL", nargs="+",
+                        help="run directory, checkpoint file (.pt), bundle directory or cv directory (several: ensemble)")
     parser.add_argument("--input", "-i", required=True, help="an image file or a directory of cases")
     parser.add_argument("--output", "-o", required=True, help="output directory for the label maps")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")

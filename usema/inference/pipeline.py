@@ -2,7 +2,8 @@
 
 One case is held in memory at a time; windows run on the chosen device while the stitched logits stay on the
 CPU, so GPU memory does not grow with the volume, and a 2D network segments a volume in blocks of slices, so
-CPU memory does not grow with the number of classes. Every output is written atomically.
+CPU memory does not grow with the number of classes. An ensemble's members predict each block one after
+another into one running mean of probabilities. Every output is written atomically.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from usema.io.images import (
     write_probabilities,
 )
 from usema.io.labels import geometry_spacing
+from usema.inference.ensemble import check_compatible, expand_models
 from usema.inference.model_loading import LoadedModel, load_model
+from usema.inference.postprocessing import Postprocessing, postprocess, read_decision
 from usema.inference.predictor import make_inferer, predict_logits
 from usema.run.device import resolve_device
 
@@ -141,7 +144,7 @@ def slice_chunks(model: LoadedModel, spatial: tuple[int, ...]) -> tuple[int, lis
 
 @torch.no_grad()
 def segment_case(
-    model: LoadedModel,
+    model: LoadedModel | Sequence[LoadedModel],
     image: np.ndarray,
     options: InferenceOptions,
     device: torch.device,
@@ -153,17 +156,21 @@ def segment_case(
 
     The image (C, *spatial) with voxel ``spacing`` (mm) is normalised whole (per-image statistics; overwriting
     ``image`` when ``in_place``), then predicted in ``slice_chunks``; a model trained at ``data.target_spacing``
-    predicts each chunk there and its probabilities come back onto the input's grid before the argmax.
+    predicts each chunk there and its probabilities come back onto the input's grid before the argmax. An
+    ensemble (several compatible models, :func:`usema.inference.ensemble.check_compatible`) averages its members'
+    softmax probabilities chunk by chunk, one member's scores at a time.
     """
-    normalized = preprocess(image, model, name, in_place)
+    members = [model] if isinstance(model, LoadedModel) else list(model)
+    first = members[0]
+    normalized = preprocess(image, first, name, in_place)
     spatial = tuple(image.shape[1:])
-    labels = np.empty(spatial, dtype=label_dtype(model.num_classes))
-    probs = np.empty((model.num_classes, *spatial), np.float32) if options.save_probabilities else None
-    axis, chunks = slice_chunks(model, spatial)
+    labels = np.empty(spatial, dtype=label_dtype(first.num_classes))
+    probs = np.empty((first.num_classes, *spatial), np.float32) if options.save_probabilities else None
+    axis, chunks = slice_chunks(first, spatial)
     for chunk in chunks:
         index = tuple(chunk if a == axis else slice(None) for a in range(len(spatial)))
         block = normalized[(slice(None), slice(None), *index)].contiguous()
-        for within, scores, are_probabilities in _chunk_scores(model, block, options, device, spacing, name):
+        for within, scores, are_probabilities in _chunk_scores(members, block, options, device, spacing, name):
             where = tuple(_compose(outer, inner) for outer, inner in zip(index, within))
             labels[where] = scores.argmax(axis=0)
             if probs is not None:
@@ -172,28 +179,44 @@ def segment_case(
 
 
 def _chunk_scores(
-    model: LoadedModel, block: torch.Tensor, options: InferenceOptions, device: torch.device,
+    members: list[LoadedModel], block: torch.Tensor, options: InferenceOptions, device: torch.device,
     spacing: Sequence[float] | None, name: str,
 ) -> Iterator[tuple[tuple[slice, ...], np.ndarray, bool]]:
     """(where in the block, class scores (K, *part), whether they are probabilities) for a normalised block.
 
-    Without a target spacing: the block's logits at once. With one: the block resampled to the target spacing,
-    its softmax probabilities there, returned to the block's grid part by part (``probability_blocks``).
+    Without a target spacing: the block's logits (one model) or mean probabilities (an ensemble) at once. With
+    one: the block resampled to the target spacing, the mean softmax probabilities there, returned to the block's
+    grid part by part (``probability_blocks``).
     """
     shape = tuple(block.shape[2:])
-    target = model.recipe.data.target_spacing
+    target = members[0].recipe.data.target_spacing
     if target is None:
-        yield tuple(slice(None) for _ in shape), _logits(model, block, options, device).numpy(), False
+        everywhere = tuple(slice(None) for _ in shape)
+        if len(members) == 1:
+            yield everywhere, _logits(members[0], block, options, device).numpy(), False
+        else:
+            yield everywhere, _mean_probabilities(members, block, options, device), True
         return
     if spacing is None or len(spacing) != len(target):
         raise UsemaError(f"{name}: this model predicts at data.target_spacing {target}; expected an image with "
                          f"{len(target)} voxel spacings, got {None if spacing is None else list(spacing)}")
-    at_target = resample_image(block[0].numpy(), spacing, target)
-    logits = _logits(model, torch.from_numpy(at_target)[None], options, device)
+    at_target = torch.from_numpy(resample_image(block[0].numpy(), spacing, target))[None]
     kept = [a for a, t in enumerate(target) if t is None]
     axis = kept[0] if kept else len(shape) - 1
-    for part, scores in probability_blocks(_softmax(logits.numpy()), shape, axis):
+    for part, scores in probability_blocks(_mean_probabilities(members, at_target, options, device), shape, axis):
         yield tuple(part if a == axis else slice(None) for a in range(len(shape))), scores, True
+
+
+def _mean_probabilities(
+    members: list[LoadedModel], block: torch.Tensor, options: InferenceOptions, device: torch.device
+) -> np.ndarray:
+    """Mean over ``members`` of the softmax probabilities (K, *spatial) float32 of a normalised block."""
+    total = _softmax(_logits(members[0], block, options, device).numpy())
+    for member in members[1:]:
+        total += _softmax(_logits(member, block, options, device).numpy())
+    if len(members) > 1:
+        total /= np.float32(len(members))
+    return total
 
 
 def _compose(outer: slice, inner: slice) -> slice:
@@ -235,13 +258,18 @@ def _refuse_existing_outputs(cases: list[Case], output_dir: Path, options: Infer
 
 
 def infer_case(
-    model: LoadedModel, case: Case, output_dir: Path, options: InferenceOptions, device: torch.device
+    model: LoadedModel | Sequence[LoadedModel], case: Case, output_dir: Path, options: InferenceOptions,
+    device: torch.device, postprocessing: Postprocessing | None = None,
 ) -> int:
-    """Segment one case and write its label map (and probabilities); returns its voxel count."""
+    """Segment one case (one model or an ensemble), post-process the labels when a decision is given, and write
+    the label map (and the probabilities, before post-processing); returns its voxel count."""
+    first = model if isinstance(model, LoadedModel) else model[0]
     image, geometry = read_image(case.paths)
-    check_image(image, case.paths[0], model)
+    check_image(image, case.paths[0], first)
     labels, probs = segment_case(model, image, options, device, name=str(case.paths[0]), in_place=True,
                                  spacing=geometry_spacing(geometry))
+    if postprocessing is not None:
+        labels = postprocess(labels, postprocessing, list(range(1, first.num_classes)))
     label_file = output_path(case, output_dir)
     if probs is not None:
         write_probabilities(probability_path(label_file, case.suffix), probs, geometry)
@@ -249,26 +277,40 @@ def infer_case(
     return int(labels.size)
 
 
+def load_models(models: Sequence[str | Path], device: torch.device) -> tuple[list[LoadedModel], Postprocessing | None]:
+    """The members of MODEL [MODEL ...] (a cv directory stands for its folds), checked to be compatible, and the
+    post-processing to apply (a single cv directory's choice, else None)."""
+    paths, decision_file = expand_models(models)
+    members = [load_model(path, device) for path in paths]
+    check_compatible(members)
+    return members, None if decision_file is None else read_decision(decision_file)
+
+
 def run_inference(
-    model: str | Path | LoadedModel,
+    model: str | Path | LoadedModel | Sequence[str | Path],
     input_path: str | Path,
     output_dir: str | Path,
     options: InferenceOptions | None = None,
 ) -> InferenceSummary:
-    """Segment every case under ``input_path`` into ``output_dir`` with MODEL (path or already loaded)."""
+    """Segment every case under ``input_path`` into ``output_dir`` with MODEL: a path or loaded model, or several
+    paths (run directories, checkpoints, bundles, cv directories) whose probabilities are averaged."""
     options = options or InferenceOptions()
     device = resolve_device(options.device)
     output_dir = Path(output_dir)
     cases = find_cases(input_path)
     _refuse_existing_outputs(cases, output_dir, options)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    if isinstance(model, LoadedModel):
+        members, decision = [model], None
+    else:
+        members, decision = load_models([model] if isinstance(model, (str, Path)) else model, device)
     ensure_writable_dir(output_dir)
-    loaded.network.to(device)  # a model loaded earlier may live elsewhere
+    for member in members:
+        member.network.to(device)  # a model loaded earlier may live elsewhere
     start, voxels, outputs = time.perf_counter(), 0, []
     bar = tqdm(cases, unit="case", file=sys.stderr, disable=not options.progress, dynamic_ncols=True)
     for case in bar:
         bar.set_postfix_str(case.name)
-        voxels += infer_case(loaded, case, output_dir, options, device)
+        voxels += infer_case(members, case, output_dir, options, device, decision)
         outputs.append(output_path(case, output_dir))
         fault_point("infer.case_done")
     return InferenceSummary(len(cases), voxels, time.perf_counter() - start, outputs)
