@@ -16,6 +16,7 @@ Challenge rules (FLARE22 / U-Mamba evaluation scripts):
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -26,14 +27,14 @@ from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 from scipy import ndimage
 
 from usema.evaluation.cells import BORDER_MARGIN, count_true_positives
+from usema.evaluation.scoring import dice_or_nan
 
 
 def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two boolean masks of equal shape ``(*spatial)``, with the challenge's empty rules."""
-    n_pred, n_truth = int(pred.sum()), int(truth.sum())
-    if n_truth == 0:
-        return 1.0 if n_pred == 0 else 0.0
-    return 2.0 * int(np.logical_and(pred, truth).sum()) / (n_pred + n_truth)
+    """Dice of two boolean masks of equal shape ``(*spatial)``, with the challenge's empty rules: both empty = 1
+    (where DeepMind's definition gives NaN), a prediction on empty truth = 0."""
+    value = dice_or_nan(truth, pred)
+    return 1.0 if math.isnan(value) else value
 
 
 def crop_to_union(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
