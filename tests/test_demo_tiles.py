@@ -56,3 +56,26 @@ def test_an_impossible_tile_count_is_refused(tiles: int):
 
     with pytest.raises(UsemaError, match="--tiles"):
         demos.nuclei_tiles(tiles)
+
+
+def test_brain_heldout_slices_are_the_slab_one_case_per_slice_in_place(tmp_path):
+    """`usema compare` on demo_brain needs cases: each held-out slice is one, where it lies in the template."""
+    import nibabel as nib
+    import numpy as np
+
+    from usema.data import demos
+
+    out = tmp_path / "slab"
+    assert main(["datasets", "export-demo", "brain", "--heldout-slices", "--output", str(out)]) == 0
+    brain = demos.load_brain()
+    start, stop = demos.BRAIN_VAL_SLAB
+    images = sorted((out / "imagesTs").iterdir())
+    assert [p.name for p in images] == [f"mni152_z{z:03d}_0000.nii.gz" for z in range(start, stop)]
+    z = start + 3
+    image = nib.load(out / "imagesTs" / f"mni152_z{z:03d}_0000.nii.gz")
+    label = nib.load(out / "labelsTs" / f"mni152_z{z:03d}.nii.gz")
+    np.testing.assert_array_equal(np.asarray(image.dataobj)[..., 0], brain.t1[..., z])
+    np.testing.assert_array_equal(np.asarray(label.dataobj)[..., 0], brain.label[..., z])
+    # voxel (i, j, 0) of the case is voxel (i, j, z) of the template in world coordinates
+    np.testing.assert_allclose(image.affine @ [10, 20, 0, 1], brain.affine @ [10, 20, z, 1])
+    assert main(["datasets", "export-demo", "nuclei", "--heldout-slices", "--output", str(tmp_path / "n")]) == 2

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from usema.errors import UsemaError
 from usema.threads import cgroup_cpu_limit, configure_threads, usable_cpus
 
 
@@ -44,5 +45,36 @@ def test_configure_threads_sets_torch(monkeypatch):
         assert configure_threads(1) == 1 and torch.get_num_threads() == 1
         monkeypatch.setattr("usema.threads.usable_cpus", lambda: 2)
         assert configure_threads(None) == 2 and torch.get_num_threads() == 2
+        monkeypatch.setattr("usema.threads.usable_cpus", lambda: 8)
+        # torchrun with 3 CPU processes on this machine: each gets its share, never 0
+        assert configure_threads(None, processes=3) == 2
+        assert configure_threads(None, processes=16) == 1
     finally:
         torch.set_num_threads(before)
+
+
+class _ThreadCount(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        return torch.get_num_threads()
+
+
+def test_training_data_workers_run_one_thread_each():
+    """Workers that inherited the trainer's thread count would fight it for the same cores."""
+    from usema.training.rng import seed_worker
+
+    loader = torch.utils.data.DataLoader(_ThreadCount(), batch_size=None, num_workers=2, worker_init_fn=seed_worker)
+    assert list(loader) == [1, 1]
+
+
+@pytest.mark.parametrize("command", ["train", "infer", "cv"])
+def test_commands_that_run_networks_take_threads(command):
+    from usema.cli import build_parser
+
+    argv = {"train": ["train", "demo_brain"], "infer": ["infer", "m", "-i", "x", "-o", "y"], "cv": ["cv", "r", "-o", "d"]}
+    args = build_parser(command).parse_args([*argv[command], "--threads", "3"])
+    assert args.threads == 3
+    with pytest.raises(UsemaError, match="--threads.*expected a positive integer, got 0"):
+        build_parser(command).parse_args([*argv[command], "--threads", "0"])

@@ -8,6 +8,7 @@ descheduled, which slows a shared machine down far more than fair sharing would.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from pathlib import Path
@@ -39,13 +40,31 @@ def usable_cpus(root: Path = CGROUP_ROOT) -> int:
     return max(1, available)
 
 
-def configure_threads(requested: int | None = None) -> int:
-    """Set torch's intra-op threads to ``requested`` or ``usable_cpus()``; returns the number set."""
+def configure_threads(requested: int | None = None, processes: int = 1) -> int:
+    """Set torch's intra-op threads to ``requested``, else this process's share of ``usable_cpus()`` when
+    ``processes`` (e.g. torchrun's local world size on CPU) split them; returns the number set."""
     import torch  # noqa: PLC0415 - callers are the commands, after their (torch-free) argument parsing
 
-    threads = requested or usable_cpus()
+    threads = requested or max(1, usable_cpus() // max(1, processes))
     torch.set_num_threads(threads)
     return threads
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--threads N`` option of the commands that run networks."""
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="CPU threads (default: the CPUs this process may use, by affinity and cgroup quota)")
 
 
 def single_thread_worker(_worker_id: int = 0) -> None:

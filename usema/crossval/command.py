@@ -1,9 +1,11 @@
-"""``usema cv RECIPE --output DIR [--set KEY=VALUE ...] [--device cpu|cuda]``: 5-fold cross-validation."""
+"""``usema cv RECIPE --output DIR [--set KEY=VALUE ...] [--device cpu|cuda] [--threads N]``: 5-fold cross-validation."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from usema.threads import add_threads_argument
 
 HELP = "cross-validate a recipe: train every fold, score the folds' predictions, choose post-processing"
 
@@ -25,13 +27,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="override a recipe key by dotted path, e.g. --set train.epochs=2 (repeatable)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from usema.crossval.cv import cross_validate  # noqa: PLC0415 - heavy imports
 
-    summary = cross_validate(args.recipe, args.overrides, Path(args.output), args.device)
+    summary = cross_validate(args.recipe, args.overrides, Path(args.output), args.device, args.threads)
     folds = ", ".join(f"fold {k} {v:.4f}" for k, v in summary.fold_dice.items())
     decision = summary.postprocessing
     steps = (["all foreground"] if decision.all_foreground else []) + [f"class {c}" for c in decision.per_class]

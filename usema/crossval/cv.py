@@ -71,10 +71,12 @@ def fold_finished(run_dir: Path, recipe: Recipe) -> bool:
     return int(ckpt["epoch"]) * ipe + int(ckpt["iteration"]) >= recipe.train.epochs * ipe
 
 
-def train_fold(recipe_arg: str, overrides: list[str], run_dir: Path, device: str | None) -> None:
+def train_fold(
+    recipe_arg: str, overrides: list[str], run_dir: Path, device: str | None, threads: int | None = None
+) -> None:
     """``usema train RECIPE --set train.fold=K --output DIR/fold_K``, resuming what a killed cv left there."""
     args = argparse.Namespace(recipe=recipe_arg, overrides=overrides, output=str(run_dir),
-                              resume=has_run(run_dir), overwrite=False, device=device)
+                              resume=has_run(run_dir), overwrite=False, device=device, threads=threads)
     train_command.run(args)
 
 
@@ -98,7 +100,9 @@ def fold_means(rows: list[dict], folds: list[dict]) -> dict[int, float]:
     return means
 
 
-def cross_validate(recipe_arg: str, overrides: list[str], cv_dir: Path, device: str | None = None) -> CvSummary:
+def cross_validate(
+    recipe_arg: str, overrides: list[str], cv_dir: Path, device: str | None = None, threads: int | None = None
+) -> CvSummary:
     """Run (or continue) the cross-validation of ``recipe_arg`` into ``cv_dir``; see the module docstring."""
     recipe = load_recipe(recipe_arg, overrides)
     check_cv_recipe(recipe, recipe_arg)
@@ -113,7 +117,7 @@ def cross_validate(recipe_arg: str, overrides: list[str], cv_dir: Path, device: 
         fold_overrides = [*overrides, f"train.fold={k}"]
         start = time.perf_counter()
         if not fold_finished(run_dir, load_recipe(recipe_arg, fold_overrides)):
-            train_fold(recipe_arg, fold_overrides, run_dir, device)
+            train_fold(recipe_arg, fold_overrides, run_dir, device, threads)
             trained.append(k)
         predict_fold(run_dir, ds, fold["val"], predictions, resolve_device(device))
         seconds[k] = time.perf_counter() - start

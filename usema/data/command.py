@@ -1,4 +1,5 @@
-"""``usema datasets check ROOT`` and ``usema datasets export-demo {brain,nuclei} --output DIR [--tiles N]``."""
+"""``usema datasets check ROOT`` and ``usema datasets export-demo {brain,nuclei} --output DIR [--tiles N]
+[--heldout-slices]``."""
 
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--tiles", type=int, default=None, metavar="N",
                         help="nuclei: cut the training columns 0-383 into N x N training cases (imagesTr/labelsTr); "
                         "the held-out columns 384-511 become the test case")
+    export.add_argument("--heldout-slices", action="store_true",
+                        help="brain: write only the held-out axial slab (z 95-114), one test case per slice, so "
+                        "that per-case statistics (usema compare) have cases")
     export.add_argument("--overwrite", action="store_true", help="replace files already in --output")
     export.set_defaults(func=run_export)
 
@@ -104,6 +108,25 @@ def export_brain(output: Path, overwrite: bool = False) -> list[Path]:
     return [image, label, meta]
 
 
+def export_brain_heldout_slices(output: Path, overwrite: bool = False) -> list[Path]:
+    """Write each axial slice of the held-out slab as its own test case ``mni152_zNNN`` (one-slice NIfTI whose
+    affine places it where it lies in the template), with its tissue labels."""
+    demo = demos.load_brain()
+    slab = range(*demos.BRAIN_VAL_SLAB)
+    planned = [(output / "imagesTs" / f"mni152_z{z:03d}_0000.nii.gz", output / "labelsTs" / f"mni152_z{z:03d}.nii.gz",
+                z) for z in slab]
+    meta = output / "dataset.json"
+    refuse_existing([p for image, label, _ in planned for p in (image, label)] + [meta], overwrite,
+                    "demo dataset file")
+    for image, label, z in planned:
+        affine = demo.affine.copy()
+        affine[:3, 3] = demo.affine[:3, :3] @ np.array([0.0, 0.0, float(z)]) + demo.affine[:3, 3]
+        for path, data in ((image, demo.t1), (label, demo.label)):
+            _write(path, lambda p, d=data, a=affine, z=z: nib.save(nib.Nifti1Image(d[..., z:z + 1], a), str(p)))
+    atomic_write_text(meta, _dataset_json("T1", demos.BRAIN_LABELS, ".nii.gz"))
+    return [p for image, label, _ in planned for p in (image, label)] + [meta]
+
+
 def export_nuclei(output: Path, target: str = "binary", overwrite: bool = False) -> list[Path]:
     """Write the nuclei image (uint16 TIFF, as shipped) and its ``target`` class labels (uint8 TIFF)."""
     files = demos.nuclei_files()
@@ -143,8 +166,10 @@ def run_export(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if args.tiles is not None and args.demo != "nuclei":
         raise UsemaError("--tiles: only the nuclei demo is cut into tiles")
+    if args.heldout_slices and args.demo != "brain":
+        raise UsemaError("--heldout-slices: only the brain demo has a held-out slab")
     if args.demo == "brain":
-        written = export_brain(output, args.overwrite)
+        written = (export_brain_heldout_slices if args.heldout_slices else export_brain)(output, args.overwrite)
     elif args.tiles is not None:
         written = export_nuclei_tiles(output, args.tiles, args.target, args.overwrite)
     else:

@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import argparse
 
+from usema.threads import add_threads_argument, positive_int
+
 
 def _overlap(text: str) -> float:
     value = float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"expected 0 <= overlap < 1, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
@@ -37,15 +32,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", "-o", required=True, help="output directory for the label maps")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--overlap", type=_overlap, default=None, help="sliding-window overlap (default: recipe's)")
-    parser.add_argument("--sw-batch-size", type=_positive_int, default=None, help="windows per forward pass")
+    parser.add_argument("--sw-batch-size", type=positive_int, default=None, help="windows per forward pass")
     parser.add_argument("--tta", action="store_true", help="average predictions over in-plane mirrorings")
     parser.add_argument(
         "--save-probabilities", action="store_true", help="also write softmax probabilities as CASE_prob (channel last)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing results in --output")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="CPU threads (default: the CPUs this process may use, by affinity and cgroup quota)")
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 

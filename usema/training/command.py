@@ -1,4 +1,5 @@
-"""``usema train RECIPE [--output DIR] [--set KEY=VALUE ...] [--resume] [--device cpu|cuda] [--overwrite]``.
+"""``usema train RECIPE [--output DIR] [--set KEY=VALUE ...] [--resume] [--device cpu|cuda] [--overwrite]
+[--threads N]``.
 
 Also runs under ``torchrun --nproc_per_node N -m usema train RECIPE`` (DistributedDataParallel).
 """
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from usema.errors import UsemaError
 from usema.io.files import atomic_write_text, ensure_writable_dir
 from usema.run.layout import BEST, LAST, RECIPE, RUN_OUTPUTS, checkpoint_path, has_run
+from usema.threads import add_threads_argument
 
 if TYPE_CHECKING:
     from usema.run.checkpoint import StoredModel
@@ -43,11 +45,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in the run directory from last.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run in the run directory")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    add_threads_argument(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from usema.config import load_recipe  # noqa: PLC0415
+    from usema.threads import configure_threads  # noqa: PLC0415
     from usema.training.distributed import setup_distributed, teardown_distributed  # noqa: PLC0415
 
     if args.resume and args.overwrite:
@@ -61,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         check_recipe_labels(recipe.data.labels, args.recipe, resolve_root(recipe.data.root) / "dataset.json")
     run_dir = Path(args.output) if args.output else recipe.output_dir
     ctx = setup_distributed(args.device)
+    configure_threads(args.threads, ctx.local_world_size if ctx.device.type == "cpu" else 1)
     try:
         train(recipe, run_dir, ctx, resume=args.resume, overwrite=args.overwrite)
     finally:

@@ -23,6 +23,8 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 1
+    """Processes of this job on this machine (torchrun's LOCAL_WORLD_SIZE): they share its CPUs."""
 
     @property
     def is_main(self) -> bool:
@@ -43,7 +45,8 @@ def setup_distributed(requested_device: str | None = None) -> DistContext:
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return DistContext(rank, world_size, local_rank, device, local_world_size)
 
 
 def teardown_distributed(ctx: DistContext) -> None:

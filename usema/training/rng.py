@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from usema.threads import single_thread_worker
+
 # numpy's legacy seeding accepts at most 2**32 - 1
 _SEED_MOD = 2**32
 
@@ -25,7 +27,8 @@ def seed_everything(seed: int) -> None:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: derive python/numpy seeds from the worker's torch seed.
+    """DataLoader ``worker_init_fn``: derive python/numpy seeds from the worker's torch seed, and give the worker
+    one intra-op thread (it would otherwise start as many as the main process, which is busy training).
 
     torch already seeds each worker with ``base_seed + worker_id`` (base_seed from the loader's own
     generator); numpy and python would otherwise inherit the parent's state in every forked worker.
@@ -33,6 +36,7 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % _SEED_MOD
     random.seed(seed)
     np.random.seed(seed)
+    single_thread_worker(worker_id)
 
 
 def capture_rng_state() -> dict[str, Any]:
