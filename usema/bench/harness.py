@@ -1,25 +1,26 @@
-"""Run a benchmark configuration: forward, memory, training step, ratios against DynUNet, scaling slopes."""
+"""Run a benchmark configuration: forward, memory, training steps, `usema infer` throughput, ratios, slopes."""
 
 from __future__ import annotations
 
-import datetime
 import gc
-import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from usema.bench.flops import count_flops
+from usema.bench.infer import bench_inference
+from usema.bench.machine import LoadCheck, describe_machine
 from usema.bench.memory import measure_peak_memory
 from usema.bench.networks import build_all, check_sizes, make_input
-from usema.bench.settings import OUT_CHANNELS, REFERENCE, BenchConfig
+from usema.bench.settings import INFER_REFERENCE, OUT_CHANNELS, REFERENCE, BenchConfig
 from usema.bench.timing import forward_step, interleaved_rounds, train_step
-from usema.threads import usable_cpus
 
 def scaling_slope(pixels: Sequence[float], values: Sequence[float]) -> float | None:
     """Least-squares slope of log(value) against log(pixel count); 1.0 = linear cost. None below 2 sizes."""
@@ -64,9 +65,10 @@ def _bench_size(config: BenchConfig, size: int, repeats: int) -> list[dict[str, 
     return rows
 
 
-def _bench_train(config: BenchConfig) -> list[dict[str, Any]]:
-    """Training-step time of every net at ``train_size`` and ``train_batch``, interleaved rounds after a warm-up."""
-    size, batch = config.train_size, config.train_batch
+def _bench_train(config: BenchConfig, size: int) -> list[dict[str, Any]]:
+    """Training-step time and images/s of every net at ``size`` and ``train_batch``, interleaved rounds after a
+    warm-up."""
+    batch = config.train_batch
     models = build_all(config.nets, config.spatial_dims, size)
     x = make_input(config.spatial_dims, size, batch)
     labels_shape = (batch, *(size,) * config.spatial_dims)
@@ -75,17 +77,33 @@ def _bench_train(config: BenchConfig) -> list[dict[str, Any]]:
     log(f"train {size}, batch {batch}: warm-up + {config.train_repeats} interleaved rounds")
     interleaved_rounds(steps, 1)
     times = interleaved_rounds(steps, config.train_repeats)
-    return [
-        {"net": n, "size": size, "batch": batch, "train_step_s": statistics.median(t), "train_samples_s": t}
-        for n, t in times.items()
-    ]
+    del models, steps
+    gc.collect()
+    return [_train_row(n, size, batch, t) for n, t in times.items()]
 
 
-def _add_ratios(rows: list[dict[str, Any]], keys: Sequence[str]) -> None:
-    """``<key>_ratio`` = value / DynUNet's value at the same size (absent when DynUNet is not benchmarked)."""
-    reference = {r["size"]: r for r in rows if r["net"] == REFERENCE}
+def _train_row(net: str, size: int, batch: int, samples: list[float]) -> dict[str, Any]:
+    step = statistics.median(samples)
+    return {"net": net, "size": size, "batch": batch, "train_step_s": step, "train_samples_s": samples,
+            "images_per_s": batch / step}  # fmt: skip
+
+
+def _bench_infer(config: BenchConfig) -> list[dict[str, Any]]:
+    """`usema infer` throughput on the synthetic volume, in a temporary folder removed afterwards."""
+    if config.infer_shape is None:
+        return []
+    with tempfile.TemporaryDirectory(prefix="usema-bench-") as workdir:
+        return bench_inference(config.nets, config.infer_shape, config.infer_repeats, Path(workdir), log)
+
+
+def _add_ratios(
+    rows: list[dict[str, Any]], keys: Sequence[str], reference: str = REFERENCE, group: str = "size"
+) -> None:
+    """``<key>_ratio`` = value / ``reference``'s value in the same ``group`` (size or shape; absent when the
+    reference is not benchmarked)."""
+    by_group = {str(r[group]): r for r in rows if r["net"] == reference}
     for row in rows:
-        ref = reference.get(row["size"])
+        ref = by_group.get(str(row[group]))
         for key in keys:
             if ref is not None and key in row and ref.get(key):
                 row[f"{key}_ratio"] = row[key] / ref[key]
@@ -110,28 +128,15 @@ def _slopes(rows: list[dict[str, Any]], nets: Sequence[str]) -> list[dict[str, A
     return out
 
 
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": usable_cpus(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-    }
-
-
-def run_benchmark(config: BenchConfig) -> dict[str, Any]:
-    """Measure everything in ``config``; returns {"config", "machine", "forward", "train", "scaling", "seconds"}."""
+def check_config(config: BenchConfig) -> None:
+    """Every size fits every network (UsemaError naming the option otherwise)."""
     check_sizes(config.nets, config.sizes)
-    check_sizes(config.nets, (config.train_size,), "--train-size")
-    torch.set_num_threads(config.threads)
-    start = time.perf_counter()
+    check_sizes(config.nets, config.train_sizes, "--train-sizes")
+    if config.infer_shape is not None:
+        check_sizes(config.nets, config.infer_shape[:2], "--infer-shape")
+
+
+def _bench_forward(config: BenchConfig) -> list[dict[str, Any]]:
     forward: list[dict[str, Any]] = []
     largest = max(config.sizes)
     for size in sorted(config.sizes):
@@ -143,13 +148,26 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         for row, memory in zip(forward, measure_peak_memory(probes, config.threads)):
             row.update(memory)
     _add_ratios(forward, ("latency_s", "forward_mib", "flops", "gflops_per_s"))
-    train = _bench_train(config) if config.train_repeats > 0 else []
-    _add_ratios(train, ("train_step_s",))
+    return forward
+
+
+def run_benchmark(config: BenchConfig, load: LoadCheck) -> dict[str, Any]:
+    """Measure everything in ``config``; returns {"config", "machine", "forward", "train", "infer", "scaling",
+    "seconds"}. ``load`` is the load check made before the run; the machine section adds the load after it."""
+    check_config(config)
+    torch.set_num_threads(config.threads)
+    start = time.perf_counter()
+    forward = _bench_forward(config)
+    train = [row for size in config.train_sizes for row in _bench_train(config, size)] if config.train_repeats else []
+    _add_ratios(train, ("train_step_s", "images_per_s"))
+    infer = _bench_infer(config)
+    _add_ratios(infer, ("voxels_per_s",), INFER_REFERENCE, group="shape")
     return {
         "config": asdict(config),
-        "machine": _machine(),
+        "machine": describe_machine(load),
         "forward": forward,
         "train": train,
+        "infer": infer,
         "scaling": _slopes(forward, config.nets),
         "seconds": time.perf_counter() - start,
     }

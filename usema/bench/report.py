@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from usema.bench.settings import IN_CHANNELS, OUT_CHANNELS
 
@@ -16,19 +16,31 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def format_markdown(results: dict[str, Any]) -> str:
-    """The results as markdown: a forward table per size, a training-step table and a scaling table."""
+def _load_text(load: dict[str, float] | None) -> str:
+    return "unavailable" if load is None else "/".join(f"{v:.2f}" for v in load.values())
+
+
+def _header(results: dict[str, Any]) -> list[str]:
+    """The machine line (CPU, usable CPUs, load before and after the run), flagged first when it was loaded."""
     cfg, machine = results["config"], results["machine"]
-    dims = cfg["spatial_dims"]
-    side = lambda s: "×".join([str(s)] * dims)  # noqa: E731 - tiny local formatter
-    lines = [
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} ({cfg['threads']} threads), "
-        f"{machine['date_utc']} UTC; {IN_CHANNELS} input channel, {OUT_CHANNELS} classes, batch 1, "
-        f"{dims}D; total {results['seconds'] / 60:.1f} min.",
-        "",
-        "### Forward pass",
-        "",
-    ]
+    lines = []
+    if machine["loaded"]:
+        lines += [
+            f"**LOADED MACHINE: timings not comparable** (1-minute load {machine['load_before']['1min']:.2f} before "
+            f"the run, above the limit {machine['load_limit_1min']:.2f}; run anyway with --allow-load)",
+            "",
+        ]
+    lines.append(
+        f"Machine: {machine['cpu']}, {machine['usable_cpus']} usable CPUs, torch {machine['torch']} "
+        f"({cfg['threads']} threads), {machine['date_utc']} UTC; load average (1/5/15 min) "
+        f"{_load_text(machine['load_before'])} before, {_load_text(machine['load_after'])} after the run; "
+        f"{IN_CHANNELS} input channel, {OUT_CHANNELS} classes, batch 1, {cfg['spatial_dims']}D; "
+        f"total {results['seconds'] / 60:.1f} min."
+    )
+    return lines
+
+
+def _forward(results: dict[str, Any], side: Callable[[int], str]) -> list[str]:
     header = [
         "size", "network", "params (M)", "GFLOPs", "latency (s)", "n", "peak fwd mem (MiB)", "process peak (MiB)",
         "GFLOP/s", "latency ×DynUNet", "memory ×DynUNet", "FLOPs ×DynUNet", "GFLOP/s ×DynUNet",
@@ -42,18 +54,51 @@ def format_markdown(results: dict[str, Any]) -> str:
         ]  # fmt: skip
         for r in results["forward"]
     ]
-    lines += _table(header, rows)
-    if results["train"]:
-        first = results["train"][0]
-        lines += ["", f"### Training step (forward + backward + SGD, {side(first['size'])}, batch {first['batch']})", ""]
-        rows = [[r["net"], _fmt(r["train_step_s"], 3), _fmt(r.get("train_step_s_ratio"))] for r in results["train"]]
-        lines += _table(["network", "train step (s)", "train step ×DynUNet"], rows)
-    if len(cfg["sizes"]) < 2:
-        return "\n".join(lines) + "\n"
-    lines += ["", "### Scaling (log-log slope against pixel count; 1.00 = linear)", ""]
+    return ["", "### Forward pass", "", *_table(header, rows)]
+
+
+def _train(results: dict[str, Any], side: Callable[[int], str]) -> list[str]:
+    batch = results["train"][0]["batch"]
+    header = ["size", "network", "train step (s)", "images/s", "train step ×DynUNet", "images/s ×DynUNet"]
+    rows = [
+        [side(r["size"]), r["net"], _fmt(r["train_step_s"], 3), _fmt(r["images_per_s"], 3),
+         _fmt(r.get("train_step_s_ratio")), _fmt(r.get("images_per_s_ratio"))]
+        for r in results["train"]
+    ]  # fmt: skip
+    return ["", f"### Training step (forward + backward + SGD, batch {batch}; images/s = batch / step)", "",
+            *_table(header, rows)]  # fmt: skip
+
+
+def _infer(results: dict[str, Any]) -> list[str]:
+    shape = "×".join(map(str, results["infer"][0]["shape"]))
+    header = ["network", "wall (s)", "n", "voxels/s", "voxels/s ×BasicUNet", "after model load (s)"]
+    rows = [
+        [r["net"], _fmt(r["wall_s"], 1), str(r["repeats"]), f"{r['voxels_per_s']:.3g}",
+         _fmt(r.get("voxels_per_s_ratio")), _fmt(r["pipeline_s"], 1)]
+        for r in results["infer"]
+    ]  # fmt: skip
+    return ["", f"### usema infer ({shape} NIfTI, 2D model slice by slice; voxels/s = voxels / wall time)", "",
+            *_table(header, rows)]  # fmt: skip
+
+
+def _scaling(results: dict[str, Any]) -> list[str]:
     rows = [
         [s["net"], _fmt(s["flop_slope"]), _fmt(s["latency_slope"]), _fmt(s.get("latency_slope_minus_reference"))]
         for s in results["scaling"]
     ]
-    lines += _table(["network", "FLOP slope", "latency slope", "latency slope − DynUNet's"], rows)
+    header = ["network", "FLOP slope", "latency slope", "latency slope − DynUNet's"]
+    return ["", "### Scaling (log-log slope against pixel count; 1.00 = linear)", "", *_table(header, rows)]
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    """The results as markdown: the machine line, then forward, training-step, `usema infer` and scaling tables."""
+    dims = results["config"]["spatial_dims"]
+    side = lambda s: "×".join([str(s)] * dims)  # noqa: E731 - tiny local formatter
+    lines = _header(results) + _forward(results, side)
+    if results["train"]:
+        lines += _train(results, side)
+    if results.get("infer"):
+        lines += _infer(results)
+    if len(results["config"]["sizes"]) >= 2:
+        lines += _scaling(results)
     return "\n".join(lines) + "\n"
