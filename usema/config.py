@@ -77,6 +77,9 @@ class TrainConfig:
     seed: int = 0
     fold: Union[int, Literal["all"], None] = None
     checkpoint_every: int = 0
+    compile: bool = False
+    """torch.compile the training forward/backward (docs/training.md, "Compiled training"); checkpoints, validation
+    and resume use the uncompiled module, so the key may change on ``--resume``."""
 
 
 @dataclass

@@ -7,6 +7,9 @@ import argparse
 
 from usema.threads import add_threads_argument, positive_int
 
+# usema.inference.precision.PRECISIONS, spelt out: importing that module would load torch for --help
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 
 def _overlap(text: str) -> float:
     value = float(text)
@@ -37,6 +40,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--save-probabilities", action="store_true", help="also write softmax probabilities as CASE_prob (channel last)"
     )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="autocast dtype of the network forward; everything after it is float32 "
+        "(default auto: fp16 on CUDA, fp32 on CPU; bf16 on CPU needs a processor with bfloat16 support)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the network(s) before the first window (inductor): a slower start for faster windows",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing results in --output")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_threads_argument(parser)
@@ -56,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        precision=args.precision,
+        compile=args.compile,
     )
     summary = run_inference(args.model, args.input, args.output, options)
     print(f"usema infer: {summary.line()} -> {args.output}")

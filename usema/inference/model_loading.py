@@ -55,6 +55,8 @@ class LoadedModel:
     labels: dict[str, str]
     metrics: dict[str, Any] = field(default_factory=dict)
     source: Path = Path()
+    # torch.compile'd forwards by (autocast dtype, device type): compiled once per model, not once per case
+    compiled: dict[tuple[Any, str], nn.Module] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:

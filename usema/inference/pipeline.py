@@ -3,7 +3,9 @@
 One case is held in memory at a time; windows run on the chosen device while the stitched logits stay on the
 CPU, so GPU memory does not grow with the volume, and a 2D network segments a volume in blocks of slices, so
 CPU memory does not grow with the number of classes. An ensemble's members predict each block one after
-another into one running mean of probabilities. Every output is written atomically.
+another into one running mean of probabilities. Only the network forward runs at ``--precision`` (and compiled
+with ``--compile``); blending, softmax, means, resampling and argmax stay float32. Every output is written
+atomically.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from usema.io.labels import geometry_spacing
 from usema.inference.ensemble import check_compatible, expand_models
 from usema.inference.model_loading import LoadedModel, load_model
 from usema.inference.postprocessing import Postprocessing, postprocess, read_decision
+from usema.inference.precision import autocast_dtype, autocast_forward, precision_name
 from usema.inference.predictor import make_inferer, predict_logits
+from usema.run.compilation import compile_failures, compile_module
 from usema.run.device import resolve_device
 
 # stitched logits held at once when a 2D network segments a volume block of slices by block of slices
@@ -55,23 +59,33 @@ class InferenceOptions:
     save_probabilities: bool = False
     overwrite: bool = False
     progress: bool = True
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (usema.inference.precision)
+    compile: bool = False
+
+
+# what a failed --compile tells the user to do instead
+_COMPILE_REMEDY = "run without --compile"
 
 
 @dataclass
 class InferenceSummary:
-    """What a run did: cases and voxels segmented, seconds after the model was loaded, files written."""
+    """What a run did: cases and voxels segmented, seconds after the model was loaded, files written, and the
+    network's precision (``fp32``, ``bf16``, ``fp16``) and whether it was compiled."""
 
     cases: int
     voxels: int
     seconds: float
     outputs: list[Path]
+    precision: str = "fp32"
+    compiled: bool = False
 
     def line(self) -> str:
         """One human-readable summary line with the throughput."""
         secs = max(self.seconds, 1e-9)
+        how = self.precision + (", compiled" if self.compiled else "")
         return (
             f"{self.cases} case(s), {self.voxels} voxels in {self.seconds:.1f} s "
-            f"({self.cases / secs:.3f} cases/s, {self.voxels / secs:.3g} voxels/s)"
+            f"({self.cases / secs:.3f} cases/s, {self.voxels / secs:.3g} voxels/s; {how})"
         )
 
 
@@ -113,7 +127,21 @@ def _logits(
         device="cpu",
         sw_device=device,
     )
-    return predict_logits(model.network, normalized, inferer, tta=options.tta)[0].float()
+    with compile_failures("--compile", _COMPILE_REMEDY, enabled=options.compile):
+        return predict_logits(_forward(model, options, device), normalized, inferer, tta=options.tta)[0].float()
+
+
+def _forward(model: LoadedModel, options: InferenceOptions, device: torch.device) -> torch.nn.Module:
+    """The network as ``options`` run it: under ``--precision``'s autocast, compiled once per model with
+    ``--compile``."""
+    dtype = autocast_dtype(options.precision, device)
+    if not options.compile:
+        return autocast_forward(model.network, dtype, device)
+    key = (dtype, device.type)
+    if key not in model.compiled:
+        model.compiled[key] = compile_module(autocast_forward(model.network, dtype, device), "--compile",
+                                             _COMPILE_REMEDY)
+    return model.compiled[key]
 
 
 @torch.no_grad()
@@ -296,6 +324,7 @@ def run_inference(
     paths (run directories, checkpoints, bundles, cv directories) whose probabilities are averaged."""
     options = options or InferenceOptions()
     device = resolve_device(options.device)
+    precision = precision_name(autocast_dtype(options.precision, device))  # refused before anything is read
     output_dir = Path(output_dir)
     cases = find_cases(input_path)
     _refuse_existing_outputs(cases, output_dir, options)
@@ -313,4 +342,4 @@ def run_inference(
         voxels += infer_case(members, case, output_dir, options, device, decision)
         outputs.append(output_path(case, output_dir))
         fault_point("infer.case_done")
-    return InferenceSummary(len(cases), voxels, time.perf_counter() - start, outputs)
+    return InferenceSummary(len(cases), voxels, time.perf_counter() - start, outputs, precision, options.compile)

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 
 # torch-importing modules are imported inside the functions so that `usema --help` stays fast
 
-# recipe keys that may differ on --resume: they change speed or memory, never the numbers
-RESUME_FREE_KEYS = {"data.num_workers", "data.cache", "output.dir", "val.sw_batch_size"}
+# recipe keys that may differ on --resume: they change speed or memory, not the method (train.compile may change
+# the last bits of float results, as a different thread count does)
+RESUME_FREE_KEYS = {"data.num_workers", "data.cache", "output.dir", "val.sw_batch_size", "train.compile"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

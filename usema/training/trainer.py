@@ -24,6 +24,7 @@ from usema.errors import UsemaError
 from usema.faults import fault_point
 from usema.training import reporting
 from usema.run.checkpoint import StoredModel, save_checkpoint
+from usema.run.compilation import compile_failures, compile_module
 from usema.run.layout import BEST, LAST, METRICS, PLOTS, TENSORBOARD, checkpoint_path
 from usema.run.spec import (
     build_network_from_spec,
@@ -52,6 +53,8 @@ from usema.training.validation import ValidationResult, validate
 
 # tensorboard tags of the metrics.csv columns that are not validation Dice
 _TB_TAGS = {"train_loss": "train/loss", "lr": "train/lr", "seconds": "time/epoch_seconds"}
+# what a failed train.compile tells the user to do instead (the key may change on --resume)
+_COMPILE_REMEDY = "set train.compile=false (it may change on --resume)"
 
 
 @dataclass
@@ -123,7 +126,7 @@ class Trainer:
         if init is not None:
             self._initialise_from(init)
         seed_everything(recipe.train.seed + ctx.rank)  # per-rank stream for stochastic layers (DropPath)
-        self.model = self._wrap_ddp(self.network)
+        self.model = self._training_module(self.network)
         self.loss_fn = build_loss()
         self.optimizer = build_optimizer(
             self.network.parameters(), recipe.train.optimizer, recipe.train.lr, recipe.train.weight_decay
@@ -144,6 +147,15 @@ class Trainer:
         self.state.init_from = {"path": str(init.source), "loaded": len(transfer.loaded), "skipped": transfer.skipped}
         if self.ctx.is_main:
             print(f"usema: model.init_from {init.source}: {transfer.describe()}", flush=True)
+
+    def _training_module(self, network: torch.nn.Module) -> torch.nn.Module:
+        """What the forward/backward calls: ``network``, DDP-wrapped across ranks, then compiled with
+        ``train.compile`` (compiling the DDP wrapper lets dynamo split graphs at its gradient buckets).
+        ``self.network`` stays the plain module that checkpoints, validation and the optimiser read."""
+        module = self._wrap_ddp(network)
+        if not self.recipe.train.compile:
+            return module
+        return compile_module(module, "train.compile", _COMPILE_REMEDY)
 
     def _wrap_ddp(self, network: torch.nn.Module) -> torch.nn.Module:
         if not self.ctx.distributed:
@@ -251,9 +263,11 @@ class Trainer:
         autocast = torch.autocast(
             self.ctx.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
         )
-        with autocast:
-            loss = self.loss_fn(self.model(image), label)
-        self.scaler.scale(loss).backward()
+        # compilation is lazy: the first forward and backward compile, and fail, here
+        with compile_failures("train.compile", _COMPILE_REMEDY, enabled=self.recipe.train.compile):
+            with autocast:
+                loss = self.loss_fn(self.model(image), label)
+            self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), GRAD_CLIP_NORM)
         self.scaler.step(self.optimizer)
