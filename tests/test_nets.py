@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from usema.nets import SEMAAttention, SEMABlock, USEMA, build_network, sema_attention
@@ -24,6 +25,11 @@ def naive_sema(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -
     return out + v.mean(dim=tuple(range(2, v.ndim - 1)), keepdim=True)
 
 
+def tokens(t: torch.Tensor) -> torch.Tensor:
+    """(B, heads, *S, d) -> the channels-last tokens (B, *S, heads·d) that sema_attention returns."""
+    return t.movedim(1, -2).flatten(-2)
+
+
 def qkv(*spatial: int, batch: int = 2, heads: int = 3, dim: int = 8) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(sum(spatial))
     return [torch.randn(batch, heads, *spatial, dim, generator=gen, dtype=torch.float64) for _ in range(3)]
@@ -36,7 +42,7 @@ def qkv(*spatial: int, batch: int = 2, heads: int = 3, dim: int = 8) -> list[tor
 )
 def test_sema_attention_matches_naive_window_loop(spatial):
     q, k, v = qkv(*spatial)
-    torch.testing.assert_close(sema_attention(q, k, v, 7), naive_sema(q, k, v, 7), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sema_attention(q, k, v, 7), tokens(naive_sema(q, k, v, 7)), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("spatial", [(5, 6), (4, 3, 5)])
@@ -45,7 +51,7 @@ def test_map_inside_one_window_is_full_attention_plus_mean(spatial):
     flat = [t.flatten(2, -2) for t in (q, k, v)]
     full = torch.softmax(flat[0] @ flat[1].transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ flat[2]
     expected = full.reshape(q.shape) + v.mean(dim=tuple(range(2, v.ndim - 1)), keepdim=True)
-    torch.testing.assert_close(sema_attention(q, k, v, 7), expected)
+    torch.testing.assert_close(sema_attention(q, k, v, 7), tokens(expected))
 
 
 def test_padding_never_reaches_real_outputs():
@@ -55,8 +61,8 @@ def test_padding_never_reaches_real_outputs():
     crop = [t[:, :, :10, :9] for t in (q, k, v)]
     full = sema_attention(q, k, v, 7, global_mean=False)
     cropped = sema_attention(*crop, 7, global_mean=False)
-    torch.testing.assert_close(cropped[:, :, :7, :7], full[:, :, :7, :7])
-    torch.testing.assert_close(cropped, naive_sema(*crop, 7) - crop[2].mean(dim=(2, 3), keepdim=True))
+    torch.testing.assert_close(cropped[:, :7, :7], full[:, :7, :7])
+    torch.testing.assert_close(cropped, tokens(naive_sema(*crop, 7) - crop[2].mean(dim=(2, 3), keepdim=True)))
 
 
 @pytest.mark.parametrize("spatial", [(10, 9), (9, 8, 3)])
@@ -64,7 +70,7 @@ def test_mean_term_is_exact_mean_over_real_positions(spatial):
     q, k, v = qkv(*spatial)
     diff = sema_attention(q, k, v, 4) - sema_attention(q, k, v, 4, global_mean=False)
     expected = v.sum(dim=tuple(range(2, v.ndim - 1)), keepdim=True) / torch.tensor(spatial).prod()
-    torch.testing.assert_close(diff, expected.expand_as(diff))
+    torch.testing.assert_close(diff, tokens(expected.expand_as(v)))
 
 
 def test_sema_attention_flops_grow_linearly_with_tokens():
@@ -199,3 +205,49 @@ def test_dynunet_deep_supervision_is_a_list_like_usema():
     net = build_network("dynunet", 2, 1, 3, deep_supervision=True).train()
     outputs = net(torch.randn(2, 1, 64, 64))
     assert isinstance(outputs, list) and len(outputs) == 4 and outputs[0].shape == (2, 3, 64, 64)
+
+
+class _LayoutChanges(TorchDispatchMode):
+    """Counts the places where data is transposed in memory (the innermost axis moves), made explicitly (a copy
+    of a tensor whose last axis is not its stride-1 axis) or hidden inside a kernel that needs dense input
+    (layer norm on a non-contiguous tensor, a matmul on a matrix neither row- nor column-major, a convolution
+    on a tensor dense in neither the channels-first nor the channels-last layout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changes: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
+        aten = torch.ops.aten
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if func in (aten.clone.default, aten._to_copy.default, aten.copy_.default):
+            src = args[1] if func is aten.copy_.default else first
+            if src.dim() > 1 and src.size(-1) > 1 and src.stride(-1) != 1:
+                self.changes.append(f"copy of {tuple(src.shape)} strides {src.stride()}")
+        elif func is aten.native_layer_norm.default and not first.is_contiguous():
+            self.changes.append(f"layer norm on non-contiguous {tuple(first.shape)}")
+        elif func in (aten.addmm.default, aten.mm.default, aten.bmm.default):
+            matrix = args[1] if func is aten.addmm.default else first
+            if matrix.stride(-1) != 1 and matrix.stride(-2) != 1:
+                self.changes.append(f"matmul on {tuple(matrix.shape)} strides {matrix.stride()}")
+        elif func is aten.convolution.default:
+            layout = torch.channels_last if first.dim() == 4 else torch.channels_last_3d
+            if not (first.is_contiguous() or first.is_contiguous(memory_format=layout)):
+                self.changes.append(f"convolution on {tuple(first.shape)} strides {first.stride()}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (2, 64, 14, 14)), (2, (1, 64, 10, 9)), (3, (1, 32, 7, 9, 7))],
+                         ids=["2d", "2d-padded", "3d"])
+def test_sema_block_changes_layout_once_in_and_once_out(dims, shape):
+    """The block works on channels-last tokens from entry to exit: its forward transposes the data twice (in, out)
+    and the backward twice (the mirror images), whatever the window padding."""
+    block = SEMABlock(shape[1], spatial_dims=dims)
+    x = torch.randn(shape)
+    with torch.no_grad(), _LayoutChanges() as forward:
+        block(x)
+    assert len(forward.changes) == 2, forward.changes
+    y = block(x)
+    with _LayoutChanges() as backward:
+        y.sum().backward()
+    assert len(backward.changes) <= 2, backward.changes

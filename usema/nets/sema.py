@@ -30,16 +30,19 @@ def _as_tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
 
 
 def global_value_mean(v: torch.Tensor) -> torch.Tensor:
-    """Mean of ``v`` (B, heads, *spatial, d) over all spatial positions, shaped to broadcast over them."""
-    return v.mean(dim=tuple(range(2, v.ndim - 1)), keepdim=True)
+    """Mean of ``v`` (B, heads, *spatial, d) over all spatial positions, as (B, 1, ..., 1, heads·d): it broadcasts
+    over the channels-last tokens (B, *spatial, heads·d) that ``sema_attention`` returns."""
+    mean = v.mean(dim=tuple(range(2, v.ndim - 1)))
+    return rearrange(mean, "b h d -> b " + "1 " * (v.ndim - 3) + "(h d)")
 
 
-def _window_pattern(nd: int) -> tuple[str, str]:
-    """einops patterns between a padded map and its windows, e.g. 2D: 'b h (nx x) (ny y) d' <-> '(b nx ny) h (x y) d'."""
+def _window_pattern(nd: int) -> tuple[str, str, str]:
+    """einops patterns of a padded map, its windows and its channels-last tokens, e.g. 2D:
+    'b h (nx x) (ny y) d', '(b nx ny) h (x y) d', 'b (nx x) (ny y) (h d)'."""
     grid = " ".join(f"(n{a} {a})" for a in _AXES[:nd])
     counts = " ".join(f"n{a}" for a in _AXES[:nd])
     sizes = " ".join(_AXES[:nd])
-    return f"b h {grid} d", f"(b {counts}) h ({sizes}) d"
+    return f"b h {grid} d", f"(b {counts}) h ({sizes}) d", f"b {grid} (h d)"
 
 
 def sema_attention(
@@ -55,7 +58,8 @@ def sema_attention(
     ``global_mean``) the mean of ``v`` over all real positions added to every position. Sides that are not a
     multiple of the window are zero-padded and the padded keys are masked out of the softmax; a window larger
     than the map shrinks to the map, so a map inside one window gets full attention + mean.
-    Returns a tensor of the shape of ``q``.
+    Returns channels-last tokens (B, *spatial, heads·head_dim), heads merged: the SEMA block's layout, written
+    straight from the windows in one copy.
     """
     spatial = tuple(q.shape[2:-1])
     nd = len(spatial)
@@ -64,11 +68,11 @@ def sema_attention(
     window = tuple(min(w, s) for w, s in zip(_as_tuple(window_size, nd), spatial))
     pad = [(-s) % w for s, w in zip(spatial, window)]
     flat = (0, 0) + tuple(x for p in reversed(pad) for x in (0, p))  # F.pad order: last dim first
-    to_windows, from_windows = _window_pattern(nd)
+    maps, in_windows, tokens = _window_pattern(nd)
     sizes = dict(zip(_AXES, window))
 
     def windows(t: torch.Tensor) -> torch.Tensor:
-        return rearrange(F.pad(t, flat) if any(pad) else t, f"{to_windows} -> {from_windows}", **sizes)
+        return rearrange(F.pad(t, flat) if any(pad) else t, f"{maps} -> {in_windows}", **sizes)
 
     mask = None
     if any(pad):
@@ -77,9 +81,9 @@ def sema_attention(
         mask = rearrange(windows(real), "w h l 1 -> w h 1 l").repeat(q.shape[0], 1, 1, 1)
     out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v), attn_mask=mask)
     counts = {f"n{a}": (s + p) // w for a, s, p, w in zip(_AXES, spatial, pad, window)}
-    out = rearrange(out, f"{from_windows} -> {to_windows}", **sizes, **counts)
+    out = rearrange(out, f"{in_windows} -> {tokens}", **sizes, **counts)
     if any(pad):
-        out = out[(..., *(slice(0, s) for s in spatial), slice(None))]
+        out = out[(slice(None), *(slice(0, s) for s in spatial))]
     if global_mean:
         out = out + global_value_mean(v)
     return out
@@ -90,12 +94,10 @@ def _dwconv(spatial_dims: int, channels: int) -> nn.Module:
     return conv(channels, channels, kernel_size=3, padding=1, groups=channels)
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return rearrange(x, "b c ... -> b ... c")
-
-
-def _channels_first(x: torch.Tensor) -> torch.Tensor:
-    return rearrange(x, "b ... c -> b c ...")
+def _on_tokens(conv: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """A convolution applied to channels-last tokens (B, *spatial, C): the moved-axis views are channels-last
+    strided tensors, which oneDNN convolves natively and answers in the same layout, so no copy is made."""
+    return conv(tokens.movedim(-1, 1)).movedim(1, -1)
 
 
 class SEMAAttention(nn.Module):
@@ -141,9 +143,9 @@ class SEMAAttention(nn.Module):
         out = sema_attention(q, k, v, self.window_size, global_mean=plain_mean)
         if self.mean_gate is not None:
             out = out + self.mean_gate * global_value_mean(v)
-        out = rearrange(out, "b h ... d -> b ... (h d)")
         if self.lepe is not None:
-            out = out + _channels_last(self.lepe(rearrange(v, "b h ... d -> b (h d) ...")))
+            # V's rows are strided by 3C inside the qkv output: one dense copy (innermost axis kept) for the conv
+            out = out + _on_tokens(self.lepe, rearrange(v, "b h ... d -> b ... (h d)").contiguous())
         return out
 
 
@@ -184,16 +186,13 @@ class SEMABlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.cpe1(x)
-        tokens = _channels_last(x)
-        h = self.norm1(tokens)
+        # one layout change in and one out: everything between works on channels-last tokens (B, *S, C)
+        t = rearrange(x, "b c ... -> b ... c").contiguous()
+        t = t + _on_tokens(self.cpe1, t)
+        h = self.norm1(t)
         gate = F.silu(self.gate(h))
-        h = F.silu(_channels_last(self.dwconv(_channels_first(self.in_proj(h)))))
-        h = self.attn(h)
-        tokens = tokens + self.drop_path(self.out_proj(h * gate))
-        x = _channels_first(tokens)
-        x = x + self.cpe2(x)
-        tokens = _channels_last(x)
-        tokens = tokens + self.drop_path(self.mlp(self.norm2(tokens)))
-        return _channels_first(tokens)
-
+        h = F.silu(_on_tokens(self.dwconv, self.in_proj(h)))
+        t = t + self.drop_path(self.out_proj(self.attn(h) * gate))
+        t = t + _on_tokens(self.cpe2, t)
+        t = t + self.drop_path(self.mlp(self.norm2(t)))
+        return rearrange(t, "b ... c -> b c ...").contiguous()

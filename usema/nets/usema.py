@@ -72,8 +72,12 @@ def _norm(spatial_dims: int, channels: int) -> nn.Module:
 
 
 class ResidualConvBlock(nn.Module):
-    """Conv k3 -> IN -> LeakyReLU -> Conv k3 -> IN, plus the input (through a strided 1x1 conv when the shape
-    changes), then LeakyReLU(0.01). (B, C_in, *S) -> (B, C_out, *S / stride)."""
+    """Conv k3 -> IN -> LeakyReLU -> Conv k3 -> IN, plus the input, then LeakyReLU(0.01).
+    (B, C_in, *S) -> (B, C_out, *S / stride).
+
+    A shape-changing shortcut is ResNet-D's: average pooling for the stride (every input voxel contributes,
+    where a strided 1x1 conv reads one in 2^dims), then a 1x1 conv for the width.
+    """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
@@ -83,14 +87,35 @@ class ResidualConvBlock(nn.Module):
         self.conv2 = conv(out_channels, out_channels, 3, padding=1, bias=False)
         self.norm2 = _norm(spatial_dims, out_channels)
         self.act = nn.LeakyReLU(0.01, inplace=True)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = conv(in_channels, out_channels, 1, stride=stride, bias=False)
+        shortcut: list[nn.Module] = []
+        if stride != 1:
+            pool = nn.AvgPool2d if spatial_dims == 2 else nn.AvgPool3d
+            shortcut.append(pool(stride, stride))
+        if in_channels != out_channels:
+            shortcut.append(conv(in_channels, out_channels, 1, bias=False))
+        self.shortcut = nn.Sequential(*shortcut) if shortcut else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.norm1(self.conv1(x)))
         y = self.norm2(self.conv2(y))
-        return self.act(y + self.shortcut(x))
+        return self.act(y.add_(self.shortcut(x)))
+
+
+class ConvStem(nn.Module):
+    """Two Conv k3 -> IN -> LeakyReLU layers at full resolution, without a shortcut: a residual 1x1 projection
+    of the few input channels would add a full-resolution pass for nothing. (B, C_in, *S) -> (B, C_out, *S)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        conv = _conv(spatial_dims)
+        self.conv1 = conv(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm1 = _norm(spatial_dims, out_channels)
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = _norm(spatial_dims, out_channels)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm2(self.conv2(self.act(self.norm1(self.conv1(x))))))
 
 
 def _upsampler(spatial_dims: int, in_channels: int, out_channels: int, mode: str) -> nn.Module:
@@ -155,7 +180,8 @@ class USEMA(nn.Module):
 
         self.encoder = nn.ModuleList()
         for i, (width, blocks) in enumerate(zip(feats, cfg.encoder_blocks)):
-            layers = [ResidualConvBlock(spatial_dims, in_channels if i == 0 else feats[i - 1], width, 1 if i == 0 else 2)]
+            first = ConvStem(spatial_dims, in_channels, width) if i == 0 else ResidualConvBlock(spatial_dims, feats[i - 1], width, 2)
+            layers = [first]
             layers += [ResidualConvBlock(spatial_dims, width, width) for _ in range(blocks - 1)]
             if cfg.sema_stages in ("enc", "bot") and i in sema_at:
                 layers.append(sema(i))
@@ -165,13 +191,12 @@ class USEMA(nn.Module):
         )
         conv = _conv(spatial_dims)
         self.upsample = nn.ModuleList(_upsampler(spatial_dims, feats[i + 1], feats[i], cfg.upsample) for i in range(n - 1))
-        # decoder stage: linear 1x1 fusion of [upsampled, skip] (2C -> C), then residual blocks at width C; cheaper
-        # than a 3x3 conv on the 2C concatenation, which dominates the cost at full resolution
+        # decoder stage: the upsampled features (already projected to the skip's width C) plus the skip, then
+        # residual blocks at width C. Adding instead of concatenating saves, at every resolution, the 2C-wide copy
+        # and the 1x1 fusion conv, memory-bound passes that cost more than their FLOPs at full resolution
+        # (docs/benchmarks.md, "Profile"); the blocks that follow mix the two.
         self.decoder = nn.ModuleList(
-            nn.Sequential(
-                conv(2 * feats[i], feats[i], 1),
-                *(ResidualConvBlock(spatial_dims, feats[i], feats[i]) for _ in range(cfg.decoder_blocks)),
-            )
+            nn.Sequential(*(ResidualConvBlock(spatial_dims, feats[i], feats[i]) for _ in range(cfg.decoder_blocks)))
             for i in range(n - 1)
         )
         # one 1x1 head per decoder stage, built whether or not deep supervision is on (as nnU-Net's
@@ -197,12 +222,8 @@ class USEMA(nn.Module):
         deep = self.training and self.config.deep_supervision
         outputs: list[torch.Tensor] = []
         for i in reversed(range(len(self.decoder))):
-            fuse, *blocks = self.decoder[i]
-            # the 2C-wide concatenation is freed right after the 1x1 fusion, and each skip once it is used,
-            # instead of living until the whole decoder stage (or network) returns: lower peak memory
-            x = fuse(torch.cat([self.upsample[i](x), skips.pop()], dim=1))
-            for block in blocks:
-                x = block(x)
+            # each skip is released once used, not when the network returns: lower peak memory
+            x = self.decoder[i](self.upsample[i](x).add_(skips.pop()))
             if i == 0 or deep:
                 outputs.append(self.heads[i](x))
         outputs.reverse()  # full resolution first
