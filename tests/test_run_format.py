@@ -103,6 +103,18 @@ def test_checkpoint_without_deep_supervision_heads_still_loads(tmp_path: Path) -
         load_model(tmp_path / "broken.pt")
 
 
+def test_checkpoint_of_the_usema_01_layout_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    """usema 0.2 changed the USEMA layout (additive skips, conv stem): a 0.1 checkpoint says so, not just 'no match'."""
+    path = make_checkpoint(tmp_path / "new.pt")
+    ckpt = torch.load(path, weights_only=True)
+    width = ckpt["model"]["heads.0.weight"].shape[1]
+    ckpt["model"]["decoder.0.0.weight"] = torch.zeros(width, 2 * width, 1, 1)  # 0.1's 1x1 fusion of the concat
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("decoder.0.0.conv1")}
+    torch.save(ckpt, tmp_path / "old.pt")
+    with pytest.raises(UsemaError, match=r"old.pt: weights of the USEMA layout of usema 0.1 .*model.init_from"):
+        load_model(tmp_path / "old.pt")
+
+
 def test_inference_reads_the_typed_recipe(tmp_path: Path) -> None:
     path = make_checkpoint(tmp_path / "c.pt")
     ckpt = torch.load(path, weights_only=True)

@@ -38,6 +38,8 @@ CONFIG_SYNTAX_PREFIXES = ("$", "%", "@")
 BUILDER_KEYWORDS = frozenset({"spatial_dims", "in_channels", "out_channels", "img_size", "deep_supervision", "preset"})
 # head weights an old USEMA checkpoint trained without deep supervision lacks (heads 1.. were built only with it)
 _DEEP_HEAD_KEY = re.compile(r"heads\.[1-9][0-9]*\.")
+# tensors only the USEMA layout of usema 0.1 had: the decoder's 1x1 fusion and the residual stem's shortcut
+_USEMA_01_KEY = re.compile(r"decoder\.\d+\.0\.weight|encoder\.0\.0\.shortcut\.weight")
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,9 @@ def load_weights(network: nn.Module, state: Any, spec: NetworkSpec, source: str)
         ) from exc
     tolerated = spec.name == "usema"
     missing = [k for k in result.missing_keys if not (tolerated and _DEEP_HEAD_KEY.match(k))]
+    if tolerated and any(_USEMA_01_KEY.fullmatch(k) for k in result.unexpected_keys):
+        raise UsemaError(f"{source}: weights of the USEMA layout of usema 0.1 (concatenating decoder), which this "
+                         "version no longer builds: retrain, or fine-tune from them with model.init_from")
     if missing or result.unexpected_keys:
         raise UsemaError(f"{source}: weights do not match the network {spec.describe()} the checkpoint describes")
 
