@@ -78,3 +78,36 @@ def test_commands_that_run_networks_take_threads(command):
     assert args.threads == 3
     with pytest.raises(UsemaError, match="--threads.*expected a positive integer, got 0"):
         build_parser(command).parse_args([*argv[command], "--threads", "0"])
+
+
+def test_openmp_threads_wait_passively_unless_the_user_chose():
+    from usema.threads import prefer_passive_waits
+
+    env: dict[str, str] = {}
+    prefer_passive_waits(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "300000"}):
+        env = dict(chosen)
+        prefer_passive_waits(env)
+        assert env == chosen
+
+
+def test_the_command_line_sets_the_wait_policy_before_torch_loads(tmp_path):
+    """libgomp reads OMP_WAIT_POLICY once, when torch loads it: the CLI must set it before any torch import."""
+    import subprocess
+    import sys
+
+    probe = ("import os, sys; from usema import cli; "
+             "cli.COMMANDS['probe'] = ('probe_cmd', 'probe'); sys.argv = ['usema', 'probe']; cli.main()")
+    (tmp_path / "probe_cmd.py").write_text(
+        "import os, sys\n"
+        "def add_parser(sub):\n"
+        "    p = sub.add_parser('probe', help='probe'); p.set_defaults(func=run)\n"
+        "def run(args):\n"
+        "    print('torch-before', 'torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))\n"
+        "    return 0\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert "torch-before False PASSIVE" in out

@@ -17,6 +17,7 @@ import warnings
 from typing import NoReturn
 
 from usema.errors import UsemaError, os_reason
+from usema.threads import prefer_passive_waits
 
 # name: (module, one-line help); the module's own add_parser repeats the help (a test keeps them equal)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -112,6 +113,7 @@ def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    prefer_passive_waits()  # before any command imports torch
     interrupts = _Interrupts()
     previous = interrupts.install()
     debug = "--debug" in argv

@@ -50,6 +50,19 @@ def configure_threads(requested: int | None = None, processes: int = 1) -> int:
     return threads
 
 
+def prefer_passive_waits(environ: dict[str, str] | None = None) -> None:
+    """Make OpenMP threads sleep, not spin, when they wait (``OMP_WAIT_POLICY=PASSIVE``), unless the user chose.
+
+    Spinning wins a little on an idle machine but, when another busy process shares the cores, a thread spins
+    for its descheduled peer at every barrier: a demo epoch slowed 5-8x beside one inference instead of 2x
+    (docs/benchmarks.md, "Sharing the machine"). The OpenMP runtime reads this once, when torch loads it, so
+    the command line calls this before importing torch.
+    """
+    environ = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" not in environ and "GOMP_SPINCOUNT" not in environ:
+        environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
