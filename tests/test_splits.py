@@ -109,3 +109,24 @@ def test_a_read_only_dataset_keeps_its_splits_in_the_run(six_case_dataset, tmp_p
 def test_folds_are_refused_for_the_demos():
     with pytest.raises(UsemaError, match="train.fold: expected null for the demo datasets"):
         load_recipe("demo_brain", ["train.fold=0"])
+
+
+def test_every_fold_normalises_with_the_ct_statistics_of_all_training_cases(six_case_dataset, tmp_path):
+    """As nnU-Net's fingerprint: one set of CT statistics for the whole dataset, so that the folds' ensemble
+    sees one normalisation. Checked against the percentiles of every case's foreground, read here directly."""
+    import nibabel as nib
+    import numpy as np
+
+    root = tmp_path / "ds"
+    shutil.copytree(six_case_dataset, root)
+    assert recipe(root, 0).data.normalization == "ct"
+    stats = [prepare_data(recipe(root, k), tmp_path / f"run{k}").norm_stats for k in (0, 3)]
+    assert stats[0] == stats[1]
+    foreground = []
+    for i in range(6):  # the volumes are far below the sampling budget: every foreground voxel is in the sample
+        image = np.asarray(nib.load(root / "imagesTr" / f"case_{i:03d}_0000.nii.gz").dataobj, dtype=np.float64)
+        label = np.asarray(nib.load(root / "labelsTr" / f"case_{i:03d}.nii.gz").dataobj)
+        foreground.append(image[label > 0])
+    values = np.concatenate(foreground)
+    np.testing.assert_allclose([stats[0]["lower"], stats[0]["upper"], stats[0]["mean"], stats[0]["std"]],
+                               [*np.percentile(values, [0.5, 99.5]), values.mean(), values.std()], rtol=1e-9)

@@ -7,6 +7,7 @@ trainer runs 2D networks slice-wise along ``data.slice_axis``).
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +182,12 @@ def _split(recipe: Recipe, root: Path, names: list[str], work_dir: Path) -> tupl
     return fold_cases(folds, recipe.train.fold, path)
 
 
+def _case_rng(recipe: Recipe, name: str) -> np.random.Generator:
+    """The generator of one case's CT intensity sample: a function of (seed, case), not of the order the cases
+    are read in, so every fold draws the same sample from the same case."""
+    return np.random.default_rng([recipe.train.seed, zlib.crc32(name.encode())])
+
+
 def _check_dims(recipe: Recipe, loaded: nnunet.LoadedCase, path: Path) -> None:
     image_dims = loaded.image.ndim - 1
     if recipe.data.spatial_dims > image_dims:
@@ -199,22 +206,27 @@ def _prepare_nnunet(recipe: Recipe, work_dir: Path) -> PreparedData:
     labels = _labels(recipe, ds.labels, str(ds.root / "dataset.json"))
     by_name = {c.name: c for c in ds.train}
     train_names, val_names = _split(recipe, ds.root, list(by_name), work_dir)
-    fingerprint = {"root": str(ds.root.resolve()), "cases": train_names}
+    # nnU-Net takes the CT statistics from the fingerprint of all training cases, so every fold normalises alike
+    # (and the folds' ensemble is consistent); a val_fraction hold-out keeps its validation cases out of them
+    stats_names = sorted(by_name) if recipe.train.fold is not None else train_names
+    fingerprint = {"root": str(ds.root.resolve()), "cases": stats_names}
     stats = _cached_stats(work_dir, fingerprint) if d.normalization == "ct" else None
     need_stats = d.normalization == "ct" and stats is None
-    rng = np.random.default_rng(recipe.train.seed)
-    budget = max(1, CT_SAMPLE_BUDGET // len(train_names))
-    raw_cases, samples = [], []
-    for name in train_names:
+    budget = max(1, CT_SAMPLE_BUDGET // len(stats_names))
+    raw_cases, raw_val, samples = [], [], {}
+    for name, is_val in [(n, False) for n in train_names] + [(n, True) for n in val_names]:  # fold "all": both
         loaded = nnunet.load_case(ds, by_name[name], labels)
         _check_dims(recipe, loaded, by_name[name].images[0])
-        if need_stats:  # on the image's own grid, as nnU-Net's fingerprint
-            samples.append(foreground_sample(loaded.image, loaded.label, budget, rng, name))
+        if need_stats and name in stats_names and name not in samples:  # on the image's own grid, as nnU-Net
+            samples[name] = foreground_sample(loaded.image, loaded.label, budget, _case_rng(recipe, name), name)
+        if is_val:
+            raw_val.append(loaded)
+            continue
         if not d.cache:
             loaded.image = None
         raw_cases.append(loaded)
     if need_stats:
-        stats = stats_from_samples(samples)
+        stats = stats_from_samples([samples[n] for n in sorted(samples)])
         _save_stats(work_dir, stats, fingerprint)
     cases = []
     while raw_cases:  # pop so that each raw volume is freed once normalised
@@ -224,11 +236,11 @@ def _prepare_nnunet(recipe: Recipe, work_dir: Path) -> PreparedData:
         image, label = at_target_spacing(image, loaded.label, loaded, d.target_spacing)  # uncached: the label only
         cases.append(make_case(loaded.name, image, label, cache=d.cache, loader=loader))
     val_cases = []
-    for name in val_names:
-        loaded = nnunet.load_case(ds, by_name[name], labels)
-        image = normalize(loaded.image, d.normalization, stats, name)
+    while raw_val:
+        loaded = raw_val.pop(0)
+        image = normalize(loaded.image, d.normalization, stats, loaded.name)
         image, label = at_target_spacing(image, loaded.label, loaded, d.target_spacing)
-        val_cases.append({"name": name, "image": image, "label": _small_int(label)})
+        val_cases.append({"name": loaded.name, "image": image, "label": _small_int(label)})
     in_channels = len(ds.channel_names)
     return PreparedData(_patch_dataset(recipe, cases), val_cases, labels, in_channels, stats)
 
