@@ -110,10 +110,15 @@ def test_a_decision_round_trips_and_a_malformed_one_is_refused(tmp_path: Path):
         read_decision(path)
 
 
-def _fake_cv_dir(root: Path, decision: Postprocessing) -> Path:
+def _fake_cv_dir(root: Path, decision: Postprocessing, foreground_shift: float = 0.0) -> Path:
+    """Two random-weight folds; ``foreground_shift`` lowers the class-1 logit (a random net paints most of an
+    image foreground in one piece: lowered, the foreground breaks into islands)."""
     cv = root / "cv"
     for k in range(2):
-        make_checkpoint(fold_dir(cv, k) / "checkpoints" / "last.pt", out_channels=2, seed=k)
+        path = make_checkpoint(fold_dir(cv, k) / "checkpoints" / "last.pt", out_channels=2, seed=k)
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["model"]["heads.0.bias"][1] -= foreground_shift
+        torch.save(ckpt, path)
     write_decision(cv / CV_POSTPROCESSING, decision)
     return cv
 
@@ -123,7 +128,7 @@ def test_infer_on_a_cv_directory_is_the_fold_ensemble_post_processed(tmp_path: P
 
     volume = np.random.default_rng(0).normal(40, 60, (24, 24, 3)).astype(np.float32)
     nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "v_0000.nii.gz"))
-    cv = _fake_cv_dir(tmp_path, Postprocessing(all_foreground=True))
+    cv = _fake_cv_dir(tmp_path, Postprocessing(all_foreground=True), foreground_shift=1.5)
     folds = [str(fold_dir(cv, k)) for k in range(2)]
     common = ["--input", str(tmp_path / "v_0000.nii.gz"), "--no-progress"]
     assert main(["infer", str(cv), "--output", str(tmp_path / "cv_out"), *common]) == 0
