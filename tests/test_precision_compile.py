@@ -32,7 +32,6 @@ CPU = torch.device("cpu")
 # bf16 keeps 8 significant bits: a tiny USEMA's softmax moves by about 0.02 here; 0.05 leaves room for other CPUs'
 # bf16 kernels (AVX512-BF16 vs AMX) without hiding a float16 overflow or a wrong cast (those move it by ~1)
 BF16_PROBABILITY_TOLERANCE = 0.05
-BF16_LABEL_AGREEMENT = 0.99
 # inductor reorders and fuses float32 arithmetic; the logits of eager and compiled networks differ by ~1e-6 here
 COMPILE_LOGIT_TOLERANCE = 1e-4
 
@@ -78,7 +77,12 @@ def test_bf16_on_cpu_gives_the_fp32_probabilities_within_tolerance(tmp_path: Pat
     assert probs16.dtype == np.float32  # everything after the forward stays float32
     assert np.abs(probs16 - probs32).max() <= BF16_PROBABILITY_TOLERANCE
     assert np.abs(probs16 - probs32).max() > 0  # bf16 did run: a silent fp32 fallback would match exactly
-    assert (labels16 == labels32).mean() >= BF16_LABEL_AGREEMENT
+    # an untrained network has many near-ties; wherever fp32's two best classes are further apart than bf16 can
+    # move a probability (twice the tolerance), bf16 must pick the same class
+    top2 = np.sort(probs32, axis=0)[-2:]  # probabilities are (classes, *spatial)
+    decided = (top2[1] - top2[0]) > 2 * BF16_PROBABILITY_TOLERANCE
+    assert decided.mean() > 0.5  # the check covers most pixels
+    np.testing.assert_array_equal(labels16[decided], labels32[decided])
 
 
 def test_auto_is_fp16_on_cuda_and_fp32_on_the_cpu():
