@@ -95,6 +95,8 @@ def concat_fusion(net: USEMA) -> None:
 
 UNDO = {"sema_channels_first": sema_channels_first, "residual_stem": residual_stem,
         "strided_shortcut": strided_shortcut, "concat_fusion": concat_fusion}
+LABELS = {"sema_channels_first": "0.1's channels-first SEMA block", "residual_stem": "0.1's residual stem",
+          "strided_shortcut": "0.1's strided 1×1 shortcuts", "concat_fusion": "0.1's concat + 1×1 fusion"}
 
 
 def variant(undo: list[str]) -> nn.Module:
@@ -138,7 +140,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    rows = {"usema 0.2 (all changes)": [], **{f"0.2 without {k}": [k] for k in UNDO}, "usema 0.1 (none)": list(UNDO)}
+    rows = {"usema 0.2 (all changes)": [], **{f"0.2 with {LABELS[k]}": [k] for k in UNDO},
+            "usema 0.1 (none of them)": list(UNDO)}
     nets = {label: variant(undo) for label, undo in rows.items()}
     torch.manual_seed(0)
     nets["DynUNet"] = build_bench_network("dynunet", 2, 256)

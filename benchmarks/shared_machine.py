@@ -3,10 +3,10 @@
     python benchmarks/shared_machine.py --workdir /tmp/usema_shared [--epochs 2]
 
 Fair sharing of the machine's cores between two busy processes costs 2x; more than that is waste: OpenMP
-threads spinning at barriers while their peer thread is descheduled. For each OpenMP wait policy (usema's
-default, PASSIVE, and ACTIVE, the OpenMP runtime's spinning), this trains demo_brain alone and then with a
-loop of 2-thread `usema infer` runs on the brain volume beside it, and reports the mean epoch time (the
-trainer's own per-epoch figure, validation included) and the slowdown factor. Run it on a quiet machine
+threads spinning at barriers while their peer thread is descheduled. For each OpenMP wait policy (`default`:
+usema's, PASSIVE; ACTIVE, which always spins; spin=N, the runtime's own policy with its spin count set), this
+trains demo_brain alone and then with a loop of 2-thread `usema infer` runs on the brain volume beside it, and
+reports the mean epoch time (the trainer's own per-epoch figure, validation included) and the slowdown factor. Run it on a quiet machine
 (check `uptime`); the load average before each phase is printed.
 """
 
@@ -59,10 +59,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/usema_shared"))
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--policies", nargs="+", default=["default", "ACTIVE"])
+    parser.add_argument("--policies", nargs="+", default=["default", "ACTIVE"],
+                        help="default (usema's), ACTIVE, PASSIVE, or spin=N (GOMP_SPINCOUNT=N, OMP_WAIT_POLICY unset; "
+                        "spin=300000 is the OpenMP runtime's own default)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    base_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    base_env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     data = args.workdir / "brain"
     if not (data / "imagesTs").is_dir():
         subprocess.run([sys.executable, "-m", "usema", "datasets", "export-demo", "brain", "--output", str(data)],
@@ -75,7 +77,11 @@ def main() -> None:
     print("| OpenMP wait policy | epoch alone (s) | epoch beside `usema infer` (s) | slowdown | infer runs | load before |")
     print("|---|---|---|---|---|---|")
     for policy in args.policies:
-        env = dict(base_env) if policy == "default" else {**base_env, "OMP_WAIT_POLICY": policy}
+        env = dict(base_env)
+        if policy.startswith("spin="):
+            env["GOMP_SPINCOUNT"] = policy.removeprefix("spin=")
+        elif policy != "default":
+            env["OMP_WAIT_POLICY"] = policy
         load = os.getloadavg()[0]
         alone = train_epochs(args.workdir, args.epochs, env)
         shared, runs = with_neighbour(args.workdir, args.epochs, env, model, data / "imagesTs")
