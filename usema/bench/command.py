@@ -20,7 +20,7 @@ from usema.bench.settings import (
 )
 from usema.errors import UsemaError
 from usema.io.files import atomic_write_text, ensure_writable_dir, refuse_existing
-from usema.threads import usable_cpus
+from usema.threads import add_threads_argument, positive_int, usable_cpus
 
 
 def _config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -103,16 +103,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"an integer expected, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a positive integer expected, got {value}")
-    return value
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `usema bench`."""
     p = subparsers.add_parser(
@@ -124,22 +114,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "(usema infer: against BasicUNet). Refuses to run on a loaded machine unless --allow-load.",
     )
     p.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2D or 3D networks (default 2)")
-    p.add_argument("--sizes", type=_positive_int, nargs="+", help="input sides (default 256 512 1024 / 64 96 128)")
+    p.add_argument("--sizes", type=positive_int, nargs="+", help="input sides (default 256 512 1024 / 64 96 128)")
     p.add_argument("--nets", nargs="+", help=f"networks among {' '.join(DEFAULT_NETS[2])} segresnet")
-    p.add_argument("--repeats", type=_positive_int, help="timed rounds after the warm-up (default 5; --quick 1)")
-    p.add_argument("--largest-repeats", type=_positive_int, help="timed rounds at the largest size (default --repeats)")
-    p.add_argument("--train-sizes", "--train-size", dest="train_sizes", type=_positive_int, nargs="+",
+    p.add_argument("--repeats", type=positive_int, help="timed rounds after the warm-up (default 5; --quick 1)")
+    p.add_argument("--largest-repeats", type=positive_int, help="timed rounds at the largest size (default --repeats)")
+    p.add_argument("--train-sizes", "--train-size", dest="train_sizes", type=positive_int, nargs="+",
                    help="training-step input sides (default 256 512 / 64; --quick: the smallest --sizes)")
-    p.add_argument("--train-batch", type=_positive_int, default=2, help="training-step batch size (default 2)")
+    p.add_argument("--train-batch", type=positive_int, default=2, help="training-step batch size (default 2)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
-    p.add_argument("--infer-shape", type=_positive_int, nargs=3, metavar=("X", "Y", "SLICES"),
+    p.add_argument("--infer-shape", type=positive_int, nargs=3, metavar=("X", "Y", "SLICES"),
                    help="synthetic NIfTI that usema infer segments with each 2D net (default 256 256 200; --quick "
                    "64 64 8)")
-    p.add_argument("--infer-repeats", type=_positive_int, default=1,
+    p.add_argument("--infer-repeats", type=positive_int, default=1,
                    help="interleaved usema infer rounds after a short warm-up (default 1)")
     p.add_argument("--no-infer", action="store_true", help="skip the usema infer throughput measurement")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores of this process)")
+    add_threads_argument(p)
     p.add_argument("--quick", action="store_true", help="smoke run: one small size, 1 round")
     p.add_argument("--allow-load", action="store_true",
                    help="run even when the 1-minute load is above 0.5 per usable CPU (report flagged as loaded)")
