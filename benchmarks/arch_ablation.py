@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 import types
 
 import torch
@@ -24,8 +23,9 @@ from einops import rearrange
 from torch import nn
 
 from usema.bench.networks import build_bench_network, make_input
+from usema.bench.timing import forward_step, interleaved_rounds, train_step
 from usema.io.files import atomic_write_text
-from usema.nets.sema import SEMABlock
+from usema.nets.sema import SEMABlock, sema_attention
 from usema.nets.usema import USEMA, ConvStem, ResidualConvBlock
 
 
@@ -39,8 +39,6 @@ def _sema_forward_01(self: SEMABlock, x: torch.Tensor) -> torch.Tensor:
     gate = F.silu(self.gate(h))
     h = F.silu(last(self.dwconv(first(self.in_proj(h)))))
     q, k, v = rearrange(self.attn.qkv(h), "b ... (three h d) -> three b h ... d", three=3, h=self.attn.num_heads)
-    from usema.nets.sema import sema_attention  # noqa: PLC0415
-
     out = sema_attention(q, k, v, self.attn.window_size) + last(self.attn.lepe(rearrange(v, "b h ... d -> b (h d) ...")))
     tokens = tokens + self.out_proj(out * gate)
     x = first(tokens)
@@ -107,29 +105,6 @@ def variant(undo: list[str]) -> nn.Module:
     return net
 
 
-def timers(net: nn.Module, fwd_size: int, train_size: int, batch: int):
-    x = make_input(2, fwd_size, 1)
-    xs = make_input(2, train_size, batch)
-    y = torch.randint(0, 4, (batch, train_size, train_size), generator=torch.Generator().manual_seed(1))
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-
-    def forward() -> None:
-        net.eval()
-        with torch.no_grad():
-            net(x)
-
-    def step() -> None:
-        net.train()
-        out = net(xs)
-        out = out[0] if isinstance(out, (list, tuple)) else out
-        loss = F.cross_entropy(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return {"forward": forward, "train step": step}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -142,19 +117,21 @@ def main() -> None:
     load = os.getloadavg()
     rows = {"usema 0.2 (all changes)": [], **{f"0.2 with {LABELS[k]}": [k] for k in UNDO},
             "usema 0.1 (none of them)": list(UNDO)}
-    nets = {label: variant(undo) for label, undo in rows.items()}
-    torch.manual_seed(0)
-    nets["DynUNet"] = build_bench_network("dynunet", 2, 256)
-    jobs = {label: timers(net, args.forward_size, args.train_size, 2) for label, net in nets.items()}
-    times = {label: {k: [] for k in fns} for label, fns in jobs.items()}
-    for r in range(args.rounds + 1):  # round 0 warms up
-        for label, fns in jobs.items():
-            for kind, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                if r:
-                    times[label][kind].append(time.perf_counter() - start)
-    med = {label: {k: statistics.median(v) for k, v in t.items()} for label, t in times.items()}
+    x = make_input(2, args.forward_size, 1)
+    xs = make_input(2, args.train_size, 2)
+    y = torch.randint(0, 4, (2, args.train_size, args.train_size), generator=torch.Generator().manual_seed(1))
+    nets, steps = {}, {}
+    for label, undo in [*rows.items(), ("DynUNet", None)]:
+        build = (lambda: build_bench_network("dynunet", 2, 256)) if undo is None else (lambda u=undo: variant(u))
+        torch.manual_seed(0)
+        nets[label] = build()
+        steps[(label, "forward")] = forward_step(nets[label], x)
+        torch.manual_seed(0)  # a second instance: train_step leaves its network in training mode
+        steps[(label, "train step")] = train_step(build(), xs, y)
+    interleaved_rounds(steps, 1)  # warm-up
+    samples = interleaved_rounds(steps, args.rounds)
+    med = {label: {kind: statistics.median(samples[(label, kind)]) for kind in ("forward", "train step")}
+           for label in nets}
     ref, new = med["DynUNet"], med["usema 0.2 (all changes)"]
     lines = [f"{args.threads} threads, {args.rounds} interleaved rounds after a warm-up, load average before "
              f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; forward {args.forward_size}² batch 1, train step "

@@ -18,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from usema.bench.networks import build_bench_network, make_input
+from usema.bench.timing import forward_step, train_step
 from usema.io.files import atomic_write_text
 
 KINDS = {
@@ -47,32 +48,9 @@ def profiled(fn) -> list[tuple[str, float, int]]:
     return [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages() if e.key.startswith("aten::")]
 
 
-def train_step(net: torch.nn.Module, size: int, batch: int):
-    x = make_input(2, size, batch)
+def train_case(net: torch.nn.Module, size: int, batch: int):
     y = torch.randint(0, 4, (batch, size, size), generator=torch.Generator().manual_seed(1))
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    net.train()
-
-    def step() -> None:
-        out = net(x)
-        out = out[0] if isinstance(out, (list, tuple)) else out
-        loss = torch.nn.functional.cross_entropy(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
-def forward(net: torch.nn.Module, size: int):
-    x = make_input(2, size, 1)
-    net.eval()
-
-    def run() -> None:
-        with torch.inference_mode():
-            net(x)
-
-    return run
+    return train_step(net, make_input(2, size, batch), y)
 
 
 def table(rows: dict[str, list[tuple[str, float, int]]], top: int) -> list[str]:
@@ -107,12 +85,12 @@ def main() -> None:
     load = os.getloadavg()
     out = [f"Profile: torch {torch.__version__}, {args.threads} threads, load average before "
            f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}", ""]
-    for title, make in (("Training step 256², batch 2 (forward + backward + SGD)", lambda n: train_step(n, 256, 2)),
-                        ("Forward 1024², batch 1", lambda n: forward(n, 1024))):
+    cases = (("Training step 256², batch 2 (forward + backward + SGD)", 256, lambda n: train_case(n, 256, 2)),
+             ("Forward 1024², batch 1", 1024, lambda n: forward_step(n, make_input(2, 1024, 1))))
+    for title, size, make in cases:
         rows = {}
         for name in args.nets:
             torch.manual_seed(0)
-            size = 1024 if "1024" in title else 256
             rows[name] = profiled(make(build_bench_network(name, 2, size)))
         out += [f"### {title}", "", *table(rows, args.top), ""]
     text = "\n".join(out) + "\n"
