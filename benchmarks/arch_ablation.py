@@ -1,13 +1,14 @@
-"""Each change of the usema 0.2 USEMA layout measured alone: the 0.2 network with one change undone at a time,
-and the 0.1 layout with all of them undone, against DynUNet in the same interleaved rounds.
+"""Each choice of the current USEMA layout measured alone: the network with one choice undone at a time, its
+options, and the layout of usema 0.1, against DynUNet in the same interleaved rounds.
 
     python benchmarks/arch_ablation.py --threads 2 --rounds 5 [--output benchmarks/results/arch_ablation.md]
 
-The undone changes are rebuilt here from the 0.1 code (same widths and blocks; the 0.1 parameters where they
-differed): `sema_channels_first` (the 0.1 SEMA block forward: channels-first CPE, six layout switches), `residual_stem`
-(the 1->C residual block with a 1x1 shortcut instead of the plain stem), `strided_shortcut` (a strided 1x1 conv
-instead of ResNet-D's average pool + 1x1), `concat_fusion` (concatenate the skip and fuse 2C->C with a 1x1 conv
-instead of adding). Run on a quiet machine (`uptime`); the load average is printed.
+The undone choices are rebuilt here from the older code (same widths and blocks; the older parameters where they
+differed): `instance_norm` (nn.InstanceNorm modules instead of the equivalent one-group-per-channel GroupNorm: the
+usema 0.2 network), `sema_channels_first` (the 0.1 SEMA block forward: channels-first CPE, six layout switches),
+`strided_shortcut` (0.1's strided 1x1 conv instead of ResNet-D's average pool + 1x1), `concat_fusion` (0.1's
+concatenation of the skip, fused 2C->C by a 1x1 conv, instead of adding). The options are USEMA's own
+(`stem="residual"`, `decoder_block="conv"`). Run on a quiet machine (`uptime`); the load average is printed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from usema.bench.networks import build_bench_network, make_input
 from usema.bench.timing import forward_step, interleaved_rounds, train_step
 from usema.io.files import atomic_write_text
 from usema.nets.sema import SEMABlock, sema_attention
-from usema.nets.usema import USEMA, ConvStem, ResidualConvBlock
+from usema.bench.settings import IN_CHANNELS, OUT_CHANNELS
+from usema.nets import build_network
+from usema.nets.usema import USEMA, ResidualConvBlock
 
 
 def _sema_forward_01(self: SEMABlock, x: torch.Tensor) -> torch.Tensor:
@@ -53,55 +56,61 @@ def sema_channels_first(net: USEMA) -> None:
             m.forward = types.MethodType(_sema_forward_01, m)
 
 
-class _ResidualStem01(ResidualConvBlock):
-    def __init__(self, dims: int, cin: int, cout: int) -> None:
-        super().__init__(dims, cin, cout)
-        self.shortcut = nn.Conv2d(cin, cout, 1, bias=False) if dims == 2 else nn.Conv3d(cin, cout, 1, bias=False)
-
-
-def residual_stem(net: USEMA) -> None:
-    stem = net.encoder[0][0]
-    assert isinstance(stem, ConvStem)
-    net.encoder[0][0] = _ResidualStem01(net.spatial_dims, stem.conv1.in_channels, stem.conv1.out_channels)
+def instance_norm(net: USEMA) -> None:
+    cls = nn.InstanceNorm2d if net.spatial_dims == 2 else nn.InstanceNorm3d
+    for module in list(net.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.GroupNorm):
+                norm = cls(child.num_channels, eps=child.eps, affine=True)
+                norm.load_state_dict(child.state_dict())
+                setattr(module, name, norm)
 
 
 def strided_shortcut(net: USEMA) -> None:
     for m in net.modules():
-        if isinstance(m, ResidualConvBlock) and isinstance(m.shortcut, nn.Sequential) and len(m.shortcut) == 2:
+        if isinstance(m, ResidualConvBlock) and isinstance(m.shortcut, nn.Sequential) and len(m.shortcut) > 1:
             conv = m.shortcut[1]
             cls = nn.Conv2d if net.spatial_dims == 2 else nn.Conv3d
             m.shortcut = cls(conv.in_channels, conv.out_channels, 1, stride=2, bias=False)
 
 
-def _usema_forward_01(self: USEMA, x: torch.Tensor) -> torch.Tensor:
-    """usema 0.1's decoder: concatenate [upsampled, skip], fuse 2C->C with a 1x1 conv, then the blocks."""
-    skips = []
-    for stage in self.encoder:
-        x = stage(x)
-        skips.append(x)
-    x = skips.pop()
-    for i in reversed(range(len(self.decoder))):
-        x = self.decoder[i](self.fusion[i](torch.cat([self.upsample[i](x), skips.pop()], dim=1)))
-    return self.heads[0](x)
+def _merge_skip_01(self: USEMA, stage: int, up: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """usema 0.1's decoder input: concatenate [upsampled, skip] and fuse 2C->C with a 1x1 conv."""
+    return self.fusion[stage](torch.cat([up, skip], dim=1))
 
 
 def concat_fusion(net: USEMA) -> None:
     cls = nn.Conv2d if net.spatial_dims == 2 else nn.Conv3d
     net.fusion = nn.ModuleList(cls(2 * f, f, 1) for f in net.config.features[:-1])
-    net.forward = types.MethodType(_usema_forward_01, net)
+    net.merge_skip = types.MethodType(_merge_skip_01, net)
 
 
-UNDO = {"sema_channels_first": sema_channels_first, "residual_stem": residual_stem,
-        "strided_shortcut": strided_shortcut, "concat_fusion": concat_fusion}
-LABELS = {"sema_channels_first": "0.1's channels-first SEMA block", "residual_stem": "0.1's residual stem",
-          "strided_shortcut": "0.1's strided 1×1 shortcuts", "concat_fusion": "0.1's concat + 1×1 fusion"}
+# applied in this order (instance_norm last, so that it also reaches the modules the others add)
+UNDO = {"sema_channels_first": sema_channels_first, "strided_shortcut": strided_shortcut,
+        "concat_fusion": concat_fusion, "instance_norm": instance_norm}
+# row label -> (USEMA options, undone choices)
+VARIANTS: dict[str, tuple[dict[str, str], list[str]]] = {
+    "current": ({}, []),
+    "stem=residual (option)": ({"stem": "residual"}, []),
+    "decoder_block=conv (option)": ({"decoder_block": "conv"}, []),
+    "with nn.InstanceNorm = usema 0.2": ({}, ["instance_norm"]),
+    "with 0.1's channels-first SEMA block": ({}, ["sema_channels_first"]),
+    "with 0.1's strided 1×1 shortcuts": ({}, ["strided_shortcut"]),
+    "with 0.1's concat + 1×1 fusion": ({}, ["concat_fusion"]),
+    "usema 0.1": ({"stem": "residual"}, list(UNDO)),
+}
 
 
-def variant(undo: list[str]) -> nn.Module:
+def apply_undo(net: USEMA, undo: list[str]) -> None:
+    for name, undo_one in UNDO.items():
+        if name in undo:
+            undo_one(net)
+
+
+def variant(options: dict[str, str], undo: list[str]) -> nn.Module:
     torch.manual_seed(0)
-    net = build_bench_network("usema-base", 2, 256)
-    for name in undo:
-        UNDO[name](net)
+    net = build_network("usema", 2, IN_CHANNELS, OUT_CHANNELS, preset="base", **options)
+    apply_undo(net, undo)
     return net
 
 
@@ -115,14 +124,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    rows = {"usema 0.2 (all changes)": [], **{f"0.2 with {LABELS[k]}": [k] for k in UNDO},
-            "usema 0.1 (none of them)": list(UNDO)}
     x = make_input(2, args.forward_size, 1)
     xs = make_input(2, args.train_size, 2)
     y = torch.randint(0, 4, (2, args.train_size, args.train_size), generator=torch.Generator().manual_seed(1))
     nets, steps = {}, {}
-    for label, undo in [*rows.items(), ("DynUNet", None)]:
-        build = (lambda: build_bench_network("dynunet", 2, 256)) if undo is None else (lambda u=undo: variant(u))
+    for label, spec in [*VARIANTS.items(), ("DynUNet", None)]:
+        build = (lambda: build_bench_network("dynunet", 2, 256)) if spec is None else (lambda v=spec: variant(*v))
         torch.manual_seed(0)
         nets[label] = build()
         steps[(label, "forward")] = forward_step(nets[label], x)
@@ -132,11 +139,11 @@ def main() -> None:
     samples = interleaved_rounds(steps, args.rounds)
     med = {label: {kind: statistics.median(samples[(label, kind)]) for kind in ("forward", "train step")}
            for label in nets}
-    ref, new = med["DynUNet"], med["usema 0.2 (all changes)"]
+    ref, new = med["DynUNet"], med["current"]
     lines = [f"{args.threads} threads, {args.rounds} interleaved rounds after a warm-up, load average before "
              f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; forward {args.forward_size}² batch 1, train step "
              f"{args.train_size}² batch 2 (SGD)", "",
-             "| network | params (M) | forward (s) | ×DynUNet | ×0.2 | train step (s) | ×DynUNet | ×0.2 |",
+             "| network | params (M) | forward (s) | ×DynUNet | ×current | train step (s) | ×DynUNet | ×current |",
              "|---|---|---|---|---|---|---|---|"]
     for label, m in med.items():
         params = sum(p.numel() for p in nets[label].parameters()) / 1e6

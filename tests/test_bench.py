@@ -88,8 +88,11 @@ def test_interleaved_rounds_alternate_networks() -> None:
 
 @pytest.mark.slow  # starts a process that imports torch and MONAI
 def test_memory_probe_sees_forward_allocations() -> None:
-    """The probe's forward peak exceeds the input size of a large image (a real forward high-water mark)."""
-    [result] = memory.measure_peak_memory([("basicunet", 2, 128)], threads=1)
+    """The probe's forward peak exceeds the input size of a large image (a real forward high-water mark); the
+    figure is the median of the fresh processes' figures."""
+    [result] = memory.measure_peak_memory([("basicunet", 2, 128)], threads=1, repeats=3)
+    assert len(result["forward_samples_mib"]) == 3
+    assert result["forward_mib"] == sorted(result["forward_samples_mib"])[1]
     feature_map_mib = 32 * 128 * 128 * 4 / 2**20  # BasicUNet's first feature map alone
     assert result["forward_mib"] >= feature_map_mib
     assert result["process_peak_mib"] >= result["baseline_mib"] + result["forward_mib"] - 1e-6

@@ -105,6 +105,43 @@ def test_usema_output_shapes_for_any_size(dims, size, placement):
         assert net.eval()(x).shape == (1, 5, *size)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_conv_blocks_normalise_each_instance_and_channel(dims):
+    """USEMA's conv blocks use instance normalisation (nnU-Net's): every channel of every sample is scaled to zero
+    mean and unit (biased) variance over its own voxels, then by the per-channel affine parameters."""
+    torch.manual_seed(0)
+    net = USEMA(dims, 1, 2, preset="tiny")
+    block = net.encoder[1][0]
+    norm = block.norm1
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(3, norm.weight.numel(), *(6,) * dims) * 4 + torch.arange(3.0).view(3, 1, *(1,) * dims)
+    flat = x.flatten(2)
+    mean, var = flat.mean(-1, keepdim=True), flat.var(-1, unbiased=False, keepdim=True)
+    expected = ((flat - mean) / torch.sqrt(var + 1e-5)).view_as(x)
+    expected = expected * norm.weight.view(1, -1, *(1,) * dims) + norm.bias.view(1, -1, *(1,) * dims)
+    torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
+    assert sorted(name for name, _ in norm.named_parameters()) == ["bias", "weight"]  # InstanceNorm's tensors
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_plain_stem_output_does_not_depend_on_the_intensity_scale(dims):
+    """With stem="plain" every path from the input is instance-normalised, so images normalised with other
+    statistics than in training (a slice z-scored on its own instead of with its volume) get the same
+    segmentation: scaling the input by 7 changes no logit beyond float rounding. The residual stem's shortcut
+    passes the intensities on, which is what the option is for."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, *((64,) * 2 if dims == 2 else (32,) * 3))
+    with torch.no_grad():
+        plain = USEMA(dims, 2, 3, preset="tiny", stem="plain").eval()
+        reference = plain(x)
+        torch.testing.assert_close(plain(7 * x), reference, atol=2e-3, rtol=0)
+        assert (plain(x + torch.randn_like(x)) - reference).abs().max() > 0.05  # the output does depend on the image
+        residual = USEMA(dims, 2, 3, preset="tiny").eval()
+        assert (residual(7 * x) - residual(x)).abs().max() > 0.05
+
+
 def test_no_deep_supervision_returns_a_tensor_in_training():
     net = USEMA(2, 1, 3, preset="tiny", deep_supervision=False).train()
     assert net(torch.randn(2, 1, 64, 64)).shape == (2, 3, 64, 64)
@@ -112,7 +149,11 @@ def test_no_deep_supervision_returns_a_tensor_in_training():
         net(torch.randn(2, 1, 32, 32))
 
 
-@pytest.mark.parametrize("overrides", [{}, {"sema_stages": "skip"}, {"sema_stages": "bot", "mean_gate": True}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"sema_stages": "skip"}, {"sema_stages": "bot", "mean_gate": True},
+     {"decoder_block": "residual", "stem": "plain"}],
+)
 def test_gradients_reach_every_parameter(overrides):
     torch.manual_seed(0)
     net = USEMA(2, 1, 3, preset="tiny", **overrides).train()
@@ -150,6 +191,10 @@ def test_bad_options_are_rejected_with_the_name():
         USEMA(2, 1, 2, preset="huge")
     with pytest.raises(ValueError, match="sema_stages"):
         USEMA(2, 1, 2, sema_stages="middle")
+    with pytest.raises(ValueError, match="decoder_block"):
+        USEMA(2, 1, 2, decoder_block="dense")
+    with pytest.raises(ValueError, match="stem"):
+        USEMA(2, 1, 2, stem="deep")
 
 
 @pytest.mark.parametrize("dims,size", [(2, (64, 80)), (3, (32, 32, 32))])

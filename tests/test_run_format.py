@@ -16,7 +16,7 @@ from usema.bundle.configs import network_def
 from usema.config import Recipe
 from usema.errors import UsemaError
 from usema.inference.model_loading import load_model
-from usema.nets import USEMA
+from usema.nets import USEMA, build_network
 from usema.nets.usema import fits_training
 from usema.run.checkpoint import load_checkpoint, save_checkpoint
 from usema.run.device import resolve_device
@@ -113,6 +113,31 @@ def test_checkpoint_of_the_usema_01_layout_is_refused_with_the_way_out(tmp_path:
     torch.save(ckpt, tmp_path / "old.pt")
     with pytest.raises(UsemaError, match=r"old.pt: weights of the USEMA layout of usema 0.1 .*model.init_from"):
         load_model(tmp_path / "old.pt")
+
+
+def test_checkpoint_of_usema_02_loads_and_predicts_the_same(tmp_path: Path) -> None:
+    """usema 0.3 computes instance norm with GroupNorm(C, C): a 0.2 checkpoint (nn.InstanceNorm modules, the same
+    tensors) loads into it and gives the same logits."""
+    path = make_checkpoint(tmp_path / "new.pt")
+    ckpt = torch.load(path, weights_only=True)
+    spec = ckpt["network"]
+    torch.manual_seed(1)
+    net02 = build_network("usema", 2, spec["in_channels"], spec["out_channels"], preset=spec["preset"],
+                          **spec["overrides"]).eval()
+    for module in list(net02.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.GroupNorm):
+                norm = torch.nn.InstanceNorm2d(child.num_channels, affine=True)
+                with torch.no_grad():
+                    norm.weight.uniform_(0.5, 1.5)
+                    norm.bias.uniform_(-0.5, 0.5)
+                setattr(module, name, norm)
+    ckpt["model"] = net02.state_dict()
+    torch.save(ckpt, tmp_path / "v02.pt")
+    model = load_model(tmp_path / "v02.pt")
+    x = torch.randn(1, spec["in_channels"], 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.network.eval()(x), net02(x), atol=1e-4, rtol=1e-4)
 
 
 def test_inference_reads_the_typed_recipe(tmp_path: Path) -> None:

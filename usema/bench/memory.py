@@ -51,15 +51,23 @@ def memory_probe(name: str, spatial_dims: int, size: int, threads: int) -> dict[
 
 
 def measure_peak_memory(
-    probes: Sequence[tuple[str, int, int]], threads: int
-) -> list[dict[str, float | bool]]:
-    """``memory_probe`` for each (name, spatial_dims, size), each in a fresh process, results in order.
+    probes: Sequence[tuple[str, int, int]], threads: int, repeats: int = 3
+) -> list[dict[str, float | bool | list[float]]]:
+    """``memory_probe`` for each (name, spatial_dims, size), ``repeats`` times each in a fresh process, results in
+    order: the median of each value, and the forward rises in ``forward_samples_mib``.
 
     VmHWM is per process (and ru_maxrss would inherit this process's peak), so every measurement gets a new
     child, forked from a server that has imported torch and the networks once (importing MONAI takes seconds)
-    and has run no torch op, so no thread pool is inherited.
+    and has run no torch op, so no thread pool is inherited. One process's figure varies by tens of MiB (which
+    freed block the allocator reuses depends on thread timing), hence the median.
     """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["usema.bench.memory", "usema.nets"])
     with context.Pool(1, maxtasksperchild=1) as pool:
-        return [pool.apply(memory_probe, (name, dims, size, threads)) for name, dims, size in probes]
+        samples = [[pool.apply(memory_probe, probe + (threads,)) for _ in range(repeats)] for probe in probes]
+    return [_median_sample(runs) for runs in samples]
+
+
+def _median_sample(runs: list[dict[str, float | bool]]) -> dict[str, float | bool | list[float]]:
+    median = sorted(runs, key=lambda r: r["forward_mib"])[len(runs) // 2]
+    return {**median, "forward_samples_mib": [r["forward_mib"] for r in runs]}

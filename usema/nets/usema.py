@@ -24,7 +24,17 @@ class USEMAConfig:
     """Width of each stage (stage 0 at full resolution); stages 1.. downsample by 2."""
     encoder_blocks: tuple[int, ...]
     """Residual conv blocks per encoder stage."""
+    stem: str = "plain"
+    """Stage 0's block: "plain" (two Conv k3 -> IN -> LeakyReLU: every path from the input is instance-normalised,
+    so the output does not depend on the input's intensity scale, as nnU-Net's networks) or "residual" (the
+    encoder's block, as usema 0.1: its 1x1 shortcut passes the raw intensities on, which gained 0.009 validation
+    Dice on demo_brain but lost about a third of the Dice on images z-scored on other statistics than in training;
+    docs/benchmarks.md, "Accuracy of the layout choices")."""
     decoder_blocks: int = 1
+    decoder_block: str = "residual"
+    """Decoder stage block: "residual" (two convs plus the input, as the encoder's) or "conv" (one Conv k3 -> IN ->
+    LeakyReLU, as the decoders of nnU-Net's residual-encoder presets): 23% fewer FLOPs and a 15-20% faster
+    training step, for 0.01-0.03 less Dice on demo_brain (docs/benchmarks.md)."""
     upsample: str = "nearest"
     """Decoder upsampling: "nearest" (1x1 conv at low resolution, then nearest x2; 8x cheaper than a
     transposed conv at the same width) or "transpose" (2x2 transposed conv, as nnU-Net)."""
@@ -67,8 +77,12 @@ def _conv(spatial_dims: int) -> type[nn.Module]:
     return nn.Conv2d if spatial_dims == 2 else nn.Conv3d
 
 
-def _norm(spatial_dims: int, channels: int) -> nn.Module:
-    return (nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
+def _norm(channels: int) -> nn.Module:
+    """Instance normalisation (affine), computed as a group norm with one group per channel: the same function
+    and the same two parameter tensors as ``nn.InstanceNorm{2,3}d(affine=True)``, but PyTorch's instance norm
+    runs as a batch norm over a reshaped copy of the input, which makes it 2-4x slower on CPU
+    (docs/benchmarks.md, "Profile")."""
+    return nn.GroupNorm(channels, channels)
 
 
 class ResidualConvBlock(nn.Module):
@@ -83,9 +97,9 @@ class ResidualConvBlock(nn.Module):
         super().__init__()
         conv = _conv(spatial_dims)
         self.conv1 = conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = _norm(spatial_dims, out_channels)
+        self.norm1 = _norm(out_channels)
         self.conv2 = conv(out_channels, out_channels, 3, padding=1, bias=False)
-        self.norm2 = _norm(spatial_dims, out_channels)
+        self.norm2 = _norm(out_channels)
         self.act = nn.LeakyReLU(0.01, inplace=True)
         shortcut: list[nn.Module] = []
         if stride != 1:
@@ -101,21 +115,33 @@ class ResidualConvBlock(nn.Module):
         return self.act(y.add_(self.shortcut(x)))
 
 
-class ConvStem(nn.Module):
-    """Two Conv k3 -> IN -> LeakyReLU layers at full resolution, without a shortcut: a residual 1x1 projection
-    of the few input channels would add a full-resolution pass for nothing. (B, C_in, *S) -> (B, C_out, *S)."""
+class PlainStem(nn.Module):
+    """Conv k3 -> IN -> LeakyReLU -> Conv k3 -> IN -> LeakyReLU, no shortcut. (B, C_in, *S) -> (B, C_out, *S)."""
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
         super().__init__()
         conv = _conv(spatial_dims)
         self.conv1 = conv(in_channels, out_channels, 3, padding=1, bias=False)
-        self.norm1 = _norm(spatial_dims, out_channels)
+        self.norm1 = _norm(out_channels)
         self.conv2 = conv(out_channels, out_channels, 3, padding=1, bias=False)
-        self.norm2 = _norm(spatial_dims, out_channels)
+        self.norm2 = _norm(out_channels)
         self.act = nn.LeakyReLU(0.01, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm2(self.conv2(self.act(self.norm1(self.conv1(x))))))
+
+
+class ConvNormAct(nn.Module):
+    """Conv k3 -> IN -> LeakyReLU(0.01). (B, C_in, *S) -> (B, C_out, *S)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = _conv(spatial_dims)(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm = _norm(out_channels)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
 
 
 def _upsampler(spatial_dims: int, in_channels: int, out_channels: int, mode: str) -> nn.Module:
@@ -180,7 +206,10 @@ class USEMA(nn.Module):
 
         self.encoder = nn.ModuleList()
         for i, (width, blocks) in enumerate(zip(feats, cfg.encoder_blocks)):
-            first = ConvStem(spatial_dims, in_channels, width) if i == 0 else ResidualConvBlock(spatial_dims, feats[i - 1], width, 2)
+            if i == 0 and cfg.stem == "plain":
+                first: nn.Module = PlainStem(spatial_dims, in_channels, width)
+            else:
+                first = ResidualConvBlock(spatial_dims, in_channels if i == 0 else feats[i - 1], width, 1 if i == 0 else 2)
             layers = [first]
             layers += [ResidualConvBlock(spatial_dims, width, width) for _ in range(blocks - 1)]
             if cfg.sema_stages in ("enc", "bot") and i in sema_at:
@@ -192,11 +221,12 @@ class USEMA(nn.Module):
         conv = _conv(spatial_dims)
         self.upsample = nn.ModuleList(_upsampler(spatial_dims, feats[i + 1], feats[i], cfg.upsample) for i in range(n - 1))
         # decoder stage: the upsampled features (already projected to the skip's width C) plus the skip, then
-        # residual blocks at width C. Adding instead of concatenating saves, at every resolution, the 2C-wide copy
-        # and the 1x1 fusion conv, memory-bound passes that cost more than their FLOPs at full resolution
-        # (docs/benchmarks.md, "Profile"); the blocks that follow mix the two.
+        # block(s) at width C. Adding instead of concatenating saves, at every resolution, the 2C-wide copy and the
+        # 1x1 fusion conv, memory-bound passes that cost more than their FLOPs at full resolution (docs/benchmarks.md,
+        # "Profile"); the block that follows mixes the two.
+        block = ResidualConvBlock if cfg.decoder_block == "residual" else ConvNormAct
         self.decoder = nn.ModuleList(
-            nn.Sequential(*(ResidualConvBlock(spatial_dims, feats[i], feats[i]) for _ in range(cfg.decoder_blocks)))
+            nn.Sequential(*(block(spatial_dims, feats[i], feats[i]) for _ in range(cfg.decoder_blocks)))
             for i in range(n - 1)
         )
         # one 1x1 head per decoder stage, built whether or not deep supervision is on (as nnU-Net's
@@ -223,7 +253,7 @@ class USEMA(nn.Module):
         outputs: list[torch.Tensor] = []
         for i in reversed(range(len(self.decoder))):
             # each skip is released once used, not when the network returns: lower peak memory
-            x = self.decoder[i](self.upsample[i](x).add_(skips.pop()))
+            x = self.decoder[i](self.merge_skip(i, self.upsample[i](x), skips.pop()))
             if i == 0 or deep:
                 outputs.append(self.heads[i](x))
         outputs.reverse()  # full resolution first
@@ -233,6 +263,11 @@ class USEMA(nn.Module):
                 for level, out in enumerate(outputs)
             ]
         return outputs if deep else outputs[0]
+
+
+    def merge_skip(self, stage: int, up: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Decoder stage ``stage``'s input from the upsampled features and the skip, both (B, C, *S)."""
+        return up.add_(skip)
 
 
 def fits_training(size: Sequence[int], stride: int) -> bool:
@@ -260,6 +295,10 @@ def _sema_stage_indices(cfg: USEMAConfig, n: int) -> list[int]:
 def _check(cfg: USEMAConfig) -> None:
     if cfg.upsample not in ("nearest", "transpose"):
         raise ValueError(f"upsample must be 'nearest' or 'transpose', got {cfg.upsample!r}")
+    if cfg.stem not in ("residual", "plain"):
+        raise ValueError(f"stem must be 'residual' or 'plain', got {cfg.stem!r}")
+    if cfg.decoder_block not in ("residual", "conv"):
+        raise ValueError(f"decoder_block must be 'residual' or 'conv', got {cfg.decoder_block!r}")
     if cfg.sema_stages not in SEMA_PLACEMENTS:
         raise ValueError(f"sema_stages must be one of {SEMA_PLACEMENTS}, got {cfg.sema_stages!r}")
     if len(cfg.encoder_blocks) != len(cfg.features) or min(cfg.encoder_blocks) < 1:
