@@ -138,7 +138,7 @@ def test_plain_stem_output_does_not_depend_on_the_intensity_scale(dims):
         reference = plain(x)
         torch.testing.assert_close(plain(7 * x), reference, atol=2e-3, rtol=0)
         assert (plain(x + torch.randn_like(x)) - reference).abs().max() > 0.05  # the output does depend on the image
-        residual = USEMA(dims, 2, 3, preset="tiny").eval()
+        residual = USEMA(dims, 2, 3, preset="tiny", stem="residual").eval()
         assert (residual(7 * x) - residual(x)).abs().max() > 0.05
 
 
