@@ -28,12 +28,12 @@ class USEMAConfig:
     """Stage 0's block: "plain" (two Conv k3 -> IN -> LeakyReLU: every path from the input is instance-normalised,
     so the output does not depend on the input's intensity scale, as nnU-Net's networks) or "residual" (the
     encoder's block, as usema 0.1: its 1x1 shortcut passes the raw intensities on, which gained 0.009 validation
-    Dice on demo_brain but lost about a third of the Dice on images z-scored on other statistics than in training;
-    docs/benchmarks.md, "Accuracy of the layout choices")."""
+    Dice on demo_brain but lost a quarter to a third of the Dice on images z-scored on other statistics than in
+    training; docs/benchmarks.md, "Accuracy of the layout choices")."""
     decoder_blocks: int = 1
     decoder_block: str = "residual"
     """Decoder stage block: "residual" (two convs plus the input, as the encoder's) or "conv" (one Conv k3 -> IN ->
-    LeakyReLU, as the decoders of nnU-Net's residual-encoder presets): 23% fewer FLOPs and a 15-20% faster
+    LeakyReLU, as the decoders of nnU-Net's residual-encoder presets): 23% fewer FLOPs and a 20% faster
     training step, for 0.01-0.03 less Dice on demo_brain (docs/benchmarks.md)."""
     upsample: str = "nearest"
     """Decoder upsampling: "nearest" (1x1 conv at low resolution, then nearest x2; 8x cheaper than a
@@ -116,7 +116,9 @@ class ResidualConvBlock(nn.Module):
 
 
 class PlainStem(nn.Module):
-    """Conv k3 -> IN -> LeakyReLU -> Conv k3 -> IN -> LeakyReLU, no shortcut. (B, C_in, *S) -> (B, C_out, *S)."""
+    """Conv k3 -> IN -> LeakyReLU -> Conv k3 -> IN -> LeakyReLU, no shortcut. (B, C_in, *S) -> (B, C_out, *S).
+
+    Not two ``ConvNormAct``: these are the tensor names of usema 0.2's stem, so its checkpoints load."""
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
         super().__init__()
