@@ -24,11 +24,11 @@ from einops import rearrange
 from torch import nn
 
 from usema.bench.networks import build_bench_network, make_input
+from usema.bench.settings import IN_CHANNELS, OUT_CHANNELS
 from usema.bench.timing import forward_step, interleaved_rounds, train_step
 from usema.io.files import atomic_write_text
-from usema.nets.sema import SEMABlock, sema_attention
-from usema.bench.settings import IN_CHANNELS, OUT_CHANNELS
 from usema.nets import build_network
+from usema.nets.sema import SEMABlock, sema_attention
 from usema.nets.usema import USEMA, ResidualConvBlock
 
 

@@ -152,7 +152,7 @@ def test_no_deep_supervision_returns_a_tensor_in_training():
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"sema_stages": "skip"}, {"sema_stages": "bot", "mean_gate": True},
-     {"decoder_block": "residual", "stem": "plain"}],
+     {"decoder_block": "conv", "stem": "residual"}],
 )
 def test_gradients_reach_every_parameter(overrides):
     torch.manual_seed(0)

@@ -266,7 +266,6 @@ class USEMA(nn.Module):
             ]
         return outputs if deep else outputs[0]
 
-
     def merge_skip(self, stage: int, up: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """Decoder stage ``stage``'s input from the upsampled features and the skip, both (B, C, *S)."""
         return up.add_(skip)
