@@ -16,7 +16,7 @@ from usema.cli import main
 from usema.errors import UsemaError
 from usema.inference import pipeline
 from usema.io.images import find_cases, read_image
-from usema.inference.model_loading import load_model
+from usema.inference.model_loading import inference_memory_format, load_model
 from usema.inference.pipeline import InferenceOptions, predict_case, run_inference
 from usema.nets import build_network
 
@@ -381,3 +381,20 @@ def test_slice_blocks_give_the_whole_volume_result(ckpt: Path, monkeypatch: pyte
     labels, probs = pipeline.segment_case(model, volume, options, torch.device("cpu"))
     assert np.array_equal(labels, whole.argmax(0).numpy())
     np.testing.assert_allclose(probs, torch.softmax(whole, 0).numpy(), atol=1e-5)
+
+
+def test_usema_is_run_channels_last_on_cpu_with_the_same_logits(ckpt: Path, tmp_path: Path) -> None:
+    """CPU inference converts USEMA's weights to its declared layout (channels-last: faster on oneDNN) and the
+    predictions do not change; MONAI's networks and other devices keep PyTorch's default layout."""
+    model = load_model(ckpt)
+    volume = ct_volume((40, 36, 3)).astype(np.float32)[None]
+    options = InferenceOptions(**QUIET)
+    expected = predict_case(model, volume, options, torch.device("cpu"))
+    src = save_nifti(tmp_path / "vol.nii.gz", ct_volume((40, 36, 3)), np.eye(4))
+    run_inference(model, src, tmp_path / "out", options)
+    weight = model.network.encoder[1][0].conv1.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    torch.testing.assert_close(predict_case(model, volume, options, torch.device("cpu")), expected, rtol=1e-4, atol=1e-4)
+    peer = build_network("basicunet", 2, 1, 3)
+    assert inference_memory_format(peer, torch.device("cpu")) == torch.contiguous_format
+    assert inference_memory_format(model.network, torch.device("cuda")) == torch.contiguous_format

@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "errors": 0,
     "faults": 0,
     "threads": 0,
+    "allocator": 0,
     "io": 1,
     "nets": 1,
     "config": 2,

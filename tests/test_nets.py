@@ -296,3 +296,36 @@ def test_sema_block_changes_layout_once_in_and_once_out(dims, shape):
     with _LayoutChanges() as backward:
         y.sum().backward()
     assert len(backward.changes) <= 2, backward.changes
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (2, 64, 14, 14)), (2, (1, 64, 10, 9)), (3, (1, 32, 7, 9, 7))],
+                         ids=["2d", "2d-padded", "3d"])
+def test_sema_block_on_channels_last_input_transposes_nothing_and_answers_the_same(dims, shape):
+    """In the layout CPU inference runs USEMA in (``USEMA.inference_memory_format``) the block's tokens are the
+    input's memory as it is: no transposition in or out, the output stays channels-last, the values equal."""
+    torch.manual_seed(0)
+    block = SEMABlock(shape[1], spatial_dims=dims).eval()
+    x = torch.randn(shape)
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    with torch.no_grad():
+        expected = block(x)
+        with _LayoutChanges() as forward:
+            out = block(x.contiguous(memory_format=layout))
+    assert forward.changes == []
+    assert out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dims,size,layout", [(2, (70, 64), torch.channels_last), (3, (32, 32, 36), torch.contiguous_format)],
+                         ids=["2d-channels-last", "3d-default"])
+def test_usema_in_its_inference_layout_predicts_the_same_logits(dims, size, layout):
+    torch.manual_seed(0)
+    net = USEMA(dims, 1, 3, "tiny").eval()
+    assert net.inference_memory_format == layout
+    x = torch.randn(2, 1, *size)
+    with torch.no_grad():
+        expected = net(x)
+        out = net.to(memory_format=net.inference_memory_format)(x)
+    assert net.encoder[1][0].conv1.weight.is_contiguous(memory_format=layout)
+    # another summation order in the convolutions: float32 rounding, grown through 20 normalised layers
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)

@@ -16,6 +16,7 @@ import traceback
 import warnings
 from typing import NoReturn
 
+from usema.allocator import retain_freed_memory
 from usema.errors import UsemaError, os_reason
 from usema.threads import prefer_passive_waits
 
@@ -114,6 +115,7 @@ def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     prefer_passive_waits()  # before any command imports torch
+    retain_freed_memory()
     interrupts = _Interrupts()
     previous = interrupts.install()
     debug = "--debug" in argv

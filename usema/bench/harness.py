@@ -21,6 +21,7 @@ from usema.bench.memory import measure_peak_memory
 from usema.bench.networks import build_all, check_sizes, make_input
 from usema.bench.settings import INFER_REFERENCE, OUT_CHANNELS, REFERENCE, BenchConfig
 from usema.bench.timing import forward_step, interleaved_rounds, train_step
+from usema.inference.model_loading import inference_memory_format
 
 def scaling_slope(pixels: Sequence[float], values: Sequence[float]) -> float | None:
     """Least-squares slope of log(value) against log(pixel count); 1.0 = linear cost. None below 2 sizes."""
@@ -40,7 +41,7 @@ def _bench_size(config: BenchConfig, size: int, repeats: int) -> list[dict[str, 
     x = make_input(config.spatial_dims, size)
     rows = []
     for name, model in models.items():
-        model.eval()
+        model.eval().to(memory_format=inference_memory_format(model, torch.device("cpu")))  # as usema infer runs it
         log(f"{size}: counting FLOPs of {name}")
         rows.append(
             {

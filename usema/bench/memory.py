@@ -8,7 +8,9 @@ from typing import Sequence
 
 import torch
 
+from usema.allocator import retain_freed_memory
 from usema.bench.networks import build_bench_network, make_input
+from usema.inference.model_loading import inference_memory_format
 
 def _proc_status_mib(*keys: str) -> dict[str, float]:
     values = {}
@@ -35,10 +37,13 @@ def memory_probe(name: str, spatial_dims: int, size: int, threads: int) -> dict[
 
     ``baseline_mib`` is the resident memory after imports, model construction and input creation;
     ``forward_mib`` the VmHWM rise above it during the forward; ``process_peak_mib`` the VmHWM at the end.
+    The allocator and the network's layout are set up as `usema infer` sets them up.
     """
+    retain_freed_memory()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_bench_network(name, spatial_dims, size).eval()
+    model.to(memory_format=inference_memory_format(model, torch.device("cpu")))
     x = make_input(spatial_dims, size)
     gc.collect()
     reset = _reset_peak_rss()

@@ -186,7 +186,10 @@ class SEMABlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one layout change in and one out: everything between works on channels-last tokens (B, *S, C)
+        # one layout change in and one out: everything between works on channels-last tokens (B, *S, C); a
+        # channels-last x (as inference runs USEMA on CPU) is already laid out as tokens and stays channels-last
+        channels_last = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+        layout = channels_last if x.is_contiguous(memory_format=channels_last) else torch.contiguous_format
         t = rearrange(x, "b c ... -> b ... c").contiguous()
         t = t + _on_tokens(self.cpe1, t)
         h = self.norm1(t)
@@ -195,4 +198,4 @@ class SEMABlock(nn.Module):
         t = t + self.drop_path(self.out_proj(self.attn(h) * gate))
         t = t + _on_tokens(self.cpe2, t)
         t = t + self.drop_path(self.mlp(self.norm2(t)))
-        return rearrange(t, "b ... c -> b c ...").contiguous()
+        return rearrange(t, "b ... c -> b c ...").contiguous(memory_format=layout)
