@@ -24,7 +24,8 @@ from pathlib import Path
 
 from usema.allocator import USER_SETTINGS
 from usema.bench.infer import write_checkpoint, write_volume
-from usema.io.files import atomic_write_text
+
+from report_output import print_and_write
 
 NETS = ("usema-tiny", "usema-base", "dynunet", "basicunet")
 SHAPE = (256, 256, 200)
@@ -90,10 +91,7 @@ def main() -> None:
             runs[mode].append(run)
         lines.append(median_row("`usema train demo_brain`, 2 epochs (mean epoch s)", runs, key="epoch"))
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        atomic_write_text(args.output, text)
+    print_and_write(lines, args.output)
 
 
 if __name__ == "__main__":

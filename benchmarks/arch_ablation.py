@@ -26,10 +26,11 @@ from torch import nn
 from usema.bench.networks import build_bench_network, make_input
 from usema.bench.settings import IN_CHANNELS, OUT_CHANNELS
 from usema.bench.timing import forward_step, interleaved_rounds, train_step
-from usema.io.files import atomic_write_text
 from usema.nets import build_network
 from usema.nets.sema import SEMABlock, sema_attention
 from usema.nets.usema import USEMA, ResidualConvBlock
+
+from report_output import print_and_write
 
 
 def _sema_forward_01(self: SEMABlock, x: torch.Tensor) -> torch.Tensor:
@@ -150,10 +151,7 @@ def main() -> None:
         lines.append(f"| {label} | {params:.2f} | {m['forward']:.3f} | {m['forward'] / ref['forward']:.2f} | "
                      f"{m['forward'] / new['forward']:.2f} | {m['train step']:.3f} | "
                      f"{m['train step'] / ref['train step']:.2f} | {m['train step'] / new['train step']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
-        atomic_write_text(args.output, text)
+    print_and_write(lines, args.output)
 
 
 if __name__ == "__main__":

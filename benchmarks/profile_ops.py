@@ -19,7 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from usema.bench.networks import build_bench_network, make_input
 from usema.bench.timing import forward_step, train_step
-from usema.io.files import atomic_write_text
+
+from report_output import print_and_write
 
 KINDS = {
     "convolution": ("conv", "mkldnn_convolution", "thnn_conv", "slow_conv", "convolution_backward"),
@@ -93,10 +94,7 @@ def main() -> None:
             torch.manual_seed(0)
             rows[name] = profiled(make(build_bench_network(name, 2, size)))
         out += [f"### {title}", "", *table(rows, args.top), ""]
-    text = "\n".join(out) + "\n"
-    print(text)
-    if args.output:
-        atomic_write_text(args.output, text)
+    print_and_write(out, args.output)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ import pytest
 
 from usema.allocator import USER_SETTINGS, retain_freed_memory
 
-# allocates, writes and frees a 64 MiB tensor 30 times, as a network does with an activation at every sliding
-# window, and prints the page faults of the last 10 rounds (the steady state: this VM's first rounds may fault
-# in any case)
+# allocates, writes and frees a 48 MiB tensor 30 times (above glibc's largest adaptive mmap threshold, 32 MiB),
+# as a network does with an activation at every sliding window, and prints the page faults of the last 10
+# rounds (the steady state: this VM's first rounds may fault in any case)
 PROBE = textwrap.dedent("""
     import resource, sys
     import torch
@@ -23,11 +23,11 @@ PROBE = textwrap.dedent("""
     for round in range(30):
         if round == 20:
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        activation = torch.empty(16 << 20).fill_(1.0)
+        activation = torch.empty(12 << 20).fill_(1.0)
         del activation
     print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """)
-PAGES_PER_TENSOR = (64 << 20) // 4096
+PAGES_PER_TENSOR = (48 << 20) // 4096
 
 
 def page_faults(mode: str) -> int:
@@ -38,7 +38,7 @@ def page_faults(mode: str) -> int:
 
 def test_a_freed_activation_is_reused_without_faulting_its_pages_in_again():
     default, retained = page_faults("default"), page_faults("retain")
-    assert default >= 9 * PAGES_PER_TENSOR  # glibc unmaps every 64 MiB block and maps a fresh one
+    assert default >= 9 * PAGES_PER_TENSOR  # glibc unmaps every 48 MiB block and maps a fresh one
     assert retained <= PAGES_PER_TENSOR // 2  # the block is reused
 
 

@@ -4,8 +4,8 @@ A network's activations are tens to hundreds of MiB each and are freed and alloc
 of ``usema infer`` and every training step. glibc serves a block above its mmap threshold (128 KiB, raised
 adaptively to at most 32 MiB) with a fresh ``mmap`` and unmaps it when freed, and trims the top of the heap
 beyond twice that: every window then page-faults its activations in again and the kernel zeroes each page.
-With glibc's defaults, `usema infer` of a 200-slice volume on 2 cores took 25% longer with usema-base (17 of
-its 51 s were system time), 10% with usema-tiny and 53% with BasicUNet (docs/benchmarks.md, "Memory
+With glibc's defaults, `usema infer` of a 200-slice volume on 2 cores took 14% longer with usema-base (4.1
+million page faults, 0.3 million with these settings) and 11% with usema-tiny (docs/benchmarks.md, "Memory
 allocator"). PyTorch's CPU tuning guides swap in jemalloc or tcmalloc for this; two ``mallopt`` settings get
 the same reuse from glibc itself.
 """
@@ -19,14 +19,19 @@ import platform
 # mallopt parameters (glibc malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-RETAIN_BYTES = 1 << 30
-"""Blocks below 1 GiB come from the heap, and up to 1 GiB of free heap top is kept for reuse."""
+MMAP_THRESHOLD_BYTES = 128 << 20
+"""Blocks below 128 MiB come from the heap and are reused: every activation of 2D inference on batches of four
+256² slices (up to 128 channels at full resolution, concatenations included) and of 3D patches up to 96³ at 32
+channels. Larger ones are still mapped and returned when freed. Reused blocks fragment the heap: peak forward
+memory rose 20-30% at 1024² and 128³ with this threshold, and by a third or more with every block kept (1 GiB)."""
+TRIM_THRESHOLD_BYTES = 256 << 20
+"""Up to 256 MiB of free memory at the top of the heap is kept for the next window instead of being trimmed."""
 USER_SETTINGS = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
                  "MALLOC_MMAP_MAX_", "LD_PRELOAD")
 
 
 def retain_freed_memory(environ: dict[str, str] | None = None) -> bool:
-    """Set glibc's mmap and trim thresholds to ``RETAIN_BYTES``; True when set.
+    """Set glibc's mmap and trim thresholds to ``MMAP_THRESHOLD_BYTES`` and ``TRIM_THRESHOLD_BYTES``; True when set.
 
     Nothing is changed (False) outside glibc, or when the user chose an allocator or its settings (any of
     ``USER_SETTINGS`` in the environment, e.g. jemalloc in ``LD_PRELOAD``). Takes effect for later
@@ -38,4 +43,4 @@ def retain_freed_memory(environ: dict[str, str] | None = None) -> bool:
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, RETAIN_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, RETAIN_BYTES))
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))

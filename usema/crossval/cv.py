@@ -25,7 +25,7 @@ from usema.errors import UsemaError
 from usema.evaluation.evaluate import evaluate_folders
 from usema.evaluation.results import write_results
 from usema.inference.ensemble import CV_EVALUATION, CV_POSTPROCESSING, CV_PREDICTIONS, fold_dir
-from usema.inference.model_loading import load_model
+from usema.inference.model_loading import load_model, place_for_inference
 from usema.inference.pipeline import InferenceOptions, infer_case
 from usema.inference.postprocessing import Postprocessing, write_decision
 from usema.io.files import ensure_writable_dir
@@ -84,6 +84,7 @@ def predict_fold(run_dir: Path, ds: nnunet.NnunetDataset, val: list[str], out: P
     """Segment the fold's validation cases into ``out`` with the fold's final model (not ``best.pt``, which was
     chosen on these very cases)."""
     model = load_model(checkpoint_path(run_dir, LAST), device)
+    place_for_inference(model, device)
     by_name = {c.name: c for c in ds.train}
     options = InferenceOptions(progress=False)
     for name in val:

@@ -37,7 +37,7 @@ from usema.io.images import (
 )
 from usema.io.labels import geometry_spacing
 from usema.inference.ensemble import check_compatible, expand_models
-from usema.inference.model_loading import LoadedModel, inference_memory_format, load_model
+from usema.inference.model_loading import LoadedModel, load_model, place_for_inference
 from usema.inference.postprocessing import Postprocessing, postprocess, read_decision
 from usema.inference.precision import autocast_dtype, autocast_forward, precision_name
 from usema.inference.predictor import make_inferer, predict_logits
@@ -333,8 +333,8 @@ def run_inference(
     else:
         members, decision = load_models([model] if isinstance(model, (str, Path)) else model, device)
     ensure_writable_dir(output_dir)
-    for member in members:  # a model loaded earlier may live elsewhere
-        member.network.to(device, memory_format=inference_memory_format(member.network, device))
+    for member in members:
+        place_for_inference(member, device)
     start, voxels, outputs = time.perf_counter(), 0, []
     bar = tqdm(cases, unit="case", file=sys.stderr, disable=not options.progress, dynamic_ncols=True)
     for case in bar:

@@ -271,8 +271,8 @@ class USEMA(nn.Module):
         """The layout of the weights (and so of the activations) in which inference on CPU runs fastest.
 
         2D: channels-last, where oneDNN convolves without reordering and the SEMA blocks' token layout costs
-        no copy (2 threads: usema-tiny 13-19% and usema-base 9-10% less forward time at 256² batch 4 and 1024²).
-        3D keeps PyTorch's default: channels-last was 2-9% slower at 64³ and 128³. Not for training: group
+        no copy (2 threads: usema-tiny 13-20% and usema-base 8-9% less forward time at 256² batch 4 and 1024²).
+        3D keeps PyTorch's default: channels-last was 3-4% slower at 64³ and -7% to +1% at 128³. Not for training: group
         norm's channels-last backward is 4x slower (docs/benchmarks.md, "Inference layout")."""
         return torch.channels_last if self.spatial_dims == 2 else torch.contiguous_format
 
