@@ -31,7 +31,7 @@ USER_SETTINGS = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESH
 
 
 def retain_freed_memory(environ: dict[str, str] | None = None) -> bool:
-    """Set glibc's mmap and trim thresholds to ``MMAP_THRESHOLD_BYTES`` and ``TRIM_THRESHOLD_BYTES``; True when set.
+    """Set glibc's mmap and trim thresholds (``MMAP_THRESHOLD_BYTES``, ``TRIM_THRESHOLD_BYTES``); True when set.
 
     Nothing is changed (False) outside glibc, or when the user chose an allocator or its settings (any of
     ``USER_SETTINGS`` in the environment, e.g. jemalloc in ``LD_PRELOAD``). Takes effect for later
@@ -43,4 +43,5 @@ def retain_freed_memory(environ: dict[str, str] | None = None) -> bool:
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    return all(mallopt(parameter, value) for parameter, value in settings)

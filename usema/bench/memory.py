@@ -9,8 +9,7 @@ from typing import Sequence
 import torch
 
 from usema.allocator import retain_freed_memory
-from usema.bench.networks import build_bench_network, make_input
-from usema.inference.model_loading import inference_memory_format
+from usema.bench.networks import build_bench_network, in_inference_layout, make_input
 
 def _proc_status_mib(*keys: str) -> dict[str, float]:
     values = {}
@@ -42,8 +41,7 @@ def memory_probe(name: str, spatial_dims: int, size: int, threads: int) -> dict[
     retain_freed_memory()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_bench_network(name, spatial_dims, size).eval()
-    model.to(memory_format=inference_memory_format(model, torch.device("cpu")))
+    model = in_inference_layout(build_bench_network(name, spatial_dims, size).eval())
     x = make_input(spatial_dims, size)
     gc.collect()
     reset = _reset_peak_rss()
