@@ -18,9 +18,10 @@ from usema.bench.flops import count_flops
 from usema.bench.infer import bench_inference
 from usema.bench.machine import LoadCheck, describe_machine
 from usema.bench.memory import measure_peak_memory
-from usema.bench.networks import build_all, check_sizes, in_inference_layout, make_input
+from usema.bench.networks import build_all, check_sizes, make_input
 from usema.bench.settings import INFER_REFERENCE, OUT_CHANNELS, REFERENCE, BenchConfig
 from usema.bench.timing import forward_step, interleaved_rounds, train_step
+from usema.inference.model_loading import place_for_inference
 
 def scaling_slope(pixels: Sequence[float], values: Sequence[float]) -> float | None:
     """Least-squares slope of log(value) against log(pixel count); 1.0 = linear cost. None below 2 sizes."""
@@ -40,7 +41,7 @@ def _bench_size(config: BenchConfig, size: int, repeats: int) -> list[dict[str, 
     x = make_input(config.spatial_dims, size)
     rows = []
     for name, model in models.items():
-        in_inference_layout(model.eval())
+        place_for_inference(model.eval(), torch.device("cpu"))  # as usema infer runs it
         log(f"{size}: counting FLOPs of {name}")
         rows.append(
             {

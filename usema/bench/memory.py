@@ -9,7 +9,8 @@ from typing import Sequence
 import torch
 
 from usema.allocator import retain_freed_memory
-from usema.bench.networks import build_bench_network, in_inference_layout, make_input
+from usema.bench.networks import build_bench_network, make_input
+from usema.inference.model_loading import place_for_inference
 
 def _proc_status_mib(*keys: str) -> dict[str, float]:
     values = {}
@@ -41,7 +42,7 @@ def memory_probe(name: str, spatial_dims: int, size: int, threads: int) -> dict[
     retain_freed_memory()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = in_inference_layout(build_bench_network(name, spatial_dims, size).eval())
+    model = place_for_inference(build_bench_network(name, spatial_dims, size).eval(), torch.device("cpu"))
     x = make_input(spatial_dims, size)
     gc.collect()
     reset = _reset_peak_rss()

@@ -25,13 +25,6 @@ def build_bench_network(name: str, spatial_dims: int, size: int) -> nn.Module:
     )
 
 
-def in_inference_layout(model: nn.Module) -> nn.Module:
-    """``model`` with its weights in the layout `usema infer` runs it in on CPU (2D USEMA: channels-last)."""
-    from usema.inference.model_loading import inference_memory_format  # as the network zoo: only when used
-
-    return model.to(memory_format=inference_memory_format(model, torch.device("cpu")))
-
-
 def check_sizes(nets: Sequence[str], sizes: Sequence[int], key: str = "--sizes") -> None:
     """Every side trainable by the networks (the training-size rule) and a multiple of each net's patch divisor,
     else a UsemaError on ``key``."""

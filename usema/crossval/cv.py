@@ -84,7 +84,7 @@ def predict_fold(run_dir: Path, ds: nnunet.NnunetDataset, val: list[str], out: P
     """Segment the fold's validation cases into ``out`` with the fold's final model (not ``best.pt``, which was
     chosen on these very cases)."""
     model = load_model(checkpoint_path(run_dir, LAST), device)
-    place_for_inference(model, device)
+    place_for_inference(model.network, device)
     by_name = {c.name: c for c in ds.train}
     options = InferenceOptions(progress=False)
     for name in val:

@@ -79,10 +79,10 @@ def inference_memory_format(network: nn.Module, device: torch.device) -> torch.m
     return declared if declared is not None and device.type == "cpu" else torch.contiguous_format
 
 
-def place_for_inference(model: LoadedModel, device: torch.device) -> None:
-    """Move ``model``'s network to ``device`` in its inference layout there (a model loaded earlier may live on
-    another device or in another layout)."""
-    model.network.to(device, memory_format=inference_memory_format(model.network, device))
+def place_for_inference(network: nn.Module, device: torch.device) -> nn.Module:
+    """``network`` moved to ``device`` in its inference layout there (a model loaded earlier may live on another
+    device or in another layout); returns it."""
+    return network.to(device, memory_format=inference_memory_format(network, device))
 
 
 def resolve_model_path(model: str | Path) -> Path:

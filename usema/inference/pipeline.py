@@ -334,7 +334,7 @@ def run_inference(
         members, decision = load_models([model] if isinstance(model, (str, Path)) else model, device)
     ensure_writable_dir(output_dir)
     for member in members:
-        place_for_inference(member, device)
+        place_for_inference(member.network, device)
     start, voxels, outputs = time.perf_counter(), 0, []
     bar = tqdm(cases, unit="case", file=sys.stderr, disable=not options.progress, dynamic_ncols=True)
     for case in bar:
