@@ -74,7 +74,7 @@ def measured_step_peak_mib(dims: int, channels: int, classes: int, patch: list[i
 def _step_peak(dims: int, channels: int, classes: int, patch: list[int], preset: str, overrides: dict) -> float:
     import torch  # noqa: PLC0415 - in the child only
 
-    from usema.bench.memory import _proc_status_mib, _reset_peak_rss  # noqa: PLC0415
+    from usema.bench.processes import proc_status_mib, reset_peak_rss  # noqa: PLC0415
     from usema.nets import build_network  # noqa: PLC0415
 
     torch.manual_seed(0)
@@ -82,14 +82,14 @@ def _step_peak(dims: int, channels: int, classes: int, patch: list[int], preset:
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.99, nesterov=True)
     x = torch.randn(2, channels, *patch)
     target = torch.randint(0, classes, (2, *patch))
-    _reset_peak_rss()
-    before = _proc_status_mib("VmRSS")["VmRSS"]
+    reset_peak_rss()
+    before = proc_status_mib("VmRSS")["VmRSS"]
     outputs = net(x)
     loss = sum(torch.nn.functional.cross_entropy(o, target[(slice(None), *[slice(None, None, 2**k)] * dims)])
                for k, o in enumerate(outputs))
     loss.backward()
     optimizer.step()
-    return _proc_status_mib("VmHWM")["VmHWM"] - before
+    return proc_status_mib("VmHWM")["VmHWM"] - before
 
 
 def main() -> None:

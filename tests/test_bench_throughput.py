@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -114,6 +115,10 @@ def test_throughput_report(tmp_path: Path, monkeypatch, capsys) -> None:
         assert row["voxels"] == 64 * 64 * 4 and row["shape"] == [64, 64, 4] and row["repeats"] == 1
         assert row["wall_s"] == statistics.median(row["wall_samples_s"]) >= row["pipeline_s"] > 0
         assert row["voxels_per_s"] == pytest.approx(row["voxels"] / row["wall_s"])
+        assert row["peak_rss_mib"] > 0 and f"| {row['peak_rss_mib']:.0f} |" in md
+    # every run in a process of its own, so no network inherits the heap another one left
+    pids = [pid for row in infer.values() for pid in row["pids"]]
+    assert len(set(pids)) == len(pids) == 2 and os.getpid() not in pids
     assert infer["basicunet"]["voxels_per_s_ratio"] == 1.0
     ratio = infer["usema-tiny"]["voxels_per_s"] / infer["basicunet"]["voxels_per_s"]
     assert infer["usema-tiny"]["voxels_per_s_ratio"] == pytest.approx(ratio)

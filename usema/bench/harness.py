@@ -94,7 +94,8 @@ def _bench_infer(config: BenchConfig) -> list[dict[str, Any]]:
     if config.infer_shape is None:
         return []
     with tempfile.TemporaryDirectory(prefix="usema-bench-") as workdir:
-        return bench_inference(config.nets, config.infer_shape, config.infer_repeats, Path(workdir), log)
+        return bench_inference(config.nets, config.infer_shape, config.infer_repeats, Path(workdir), log,
+                               config.threads)
 
 
 def _add_ratios(

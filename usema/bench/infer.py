@@ -2,15 +2,20 @@
 
 Each network gets a random-weight checkpoint in the run format (the cost does not depend on the weights) whose
 recipe slices the volume along its last axis with one window per slice, and ``run_inference`` segments the
-volume in interleaved rounds. It runs in this process, as the forward timings do: a fresh ``usema infer``
-process per run would add the import of torch and MONAI (seconds, the same for every network), which dilutes
-the ratios. The wall time still covers loading the checkpoint, reading the NIfTI, normalising, the sliding
-windows and writing the label map: what a user of `usema infer` waits for.
+volume in interleaved rounds. Every run gets a fresh process, as a user's `usema infer` does: run one after
+another in one process, each network inherited the heap the previous ones left, and the ratios moved with the
+order (BasicUNet took 19.0 s after six other networks and 22-23 s in a process of its own, usema-tiny 11.4 s and
+10.6 s). The child is forked from a server that has imported torch and MONAI, so the import (seconds, the same
+for every network) stays out of the figure; the wall time covers loading the checkpoint, reading the NIfTI,
+normalising, the sliding windows (the first ones pay oneDNN's kernel creation, as a user's do) and writing the
+label map: what a user of `usema infer` waits for after start-up.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,17 +23,16 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from usema.allocator import retain_freed_memory
+from usema.bench.processes import fresh_processes, proc_status_mib
 from usema.bench.settings import IN_CHANNELS, OUT_CHANNELS, parse_net
-from usema.bench.timing import interleaved_rounds
 from usema.config import Recipe, recipe_from_dict, recipe_to_dict
-from usema.inference.pipeline import InferenceOptions, InferenceSummary, run_inference
+from usema.inference.pipeline import InferenceOptions, run_inference
 from usema.io.files import atomic_write
 from usema.run.checkpoint import save_checkpoint
 from usema.run.spec import build_network_from_spec, spec_for_recipe, spec_to_dict
 
 SLICE_AXIS = 2
-# the warm-up volume: one sliding-window batch of slices (the recipe's val.sw_batch_size, 4 by default)
-WARMUP_SLICES = 4
 # CT-like voxel spacing in mm; nothing is resampled (no target spacing), so it only fills the header
 SPACING = (0.8, 0.8, 2.5)
 
@@ -73,47 +77,55 @@ def write_checkpoint(net: str, patch: Sequence[int], path: Path) -> Path:
     return save_checkpoint(payload, path)
 
 
-def _infer_step(checkpoint: Path, image: Path, output: Path, summaries: list[InferenceSummary]) -> Callable[[], None]:
-    options = InferenceOptions(device="cpu", overwrite=True, progress=False)
-
-    def step() -> None:
-        summaries.append(run_inference(checkpoint, image, output, options))
-
-    return step
-
-
-def _rounds(checkpoints: dict[str, Path], image: Path, output: Path, repeats: int) -> dict[str, Any]:
-    """Wall seconds and pipeline summaries of ``repeats`` interleaved `usema infer` runs of each network."""
-    summaries: dict[str, list[InferenceSummary]] = {net: [] for net in checkpoints}
-    steps = {net: _infer_step(ckpt, image, output / net, summaries[net]) for net, ckpt in checkpoints.items()}
-    return {"wall": interleaved_rounds(steps, repeats), "summaries": summaries}
+def infer_in_this_process(checkpoint: str, image: str, output: str, threads: int) -> dict[str, float | int]:
+    """One `usema infer` run as the command line sets it up (allocator settings, ``threads`` torch threads), meant
+    for a fresh child: wall seconds of the call, the seconds and voxels it reports, and the process's peak
+    resident memory (MiB) and its pid."""
+    retain_freed_memory()
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    summary = run_inference(checkpoint, image, output, InferenceOptions(device="cpu", overwrite=True, progress=False))
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "pipeline_s": summary.seconds, "voxels": summary.voxels,
+            "peak_rss_mib": proc_status_mib("VmHWM")["VmHWM"], "pid": os.getpid()}  # fmt: skip
 
 
-def _row(net: str, shape: Sequence[int], wall: list[float], summaries: list[InferenceSummary]) -> dict[str, Any]:
-    voxels = summaries[0].voxels
+def _rounds(checkpoints: dict[str, Path], image: Path, output: Path, repeats: int, threads: int) -> dict[str, list]:
+    """The runs of ``repeats`` interleaved rounds of every network's `usema infer`, each run in a fresh process."""
+    runs: dict[str, list[dict[str, float | int]]] = {net: [] for net in checkpoints}
+    with fresh_processes(["usema.bench.infer"]) as pool:
+        for _ in range(repeats):
+            for net, ckpt in checkpoints.items():
+                runs[net].append(pool.apply(infer_in_this_process, (str(ckpt), str(image), str(output / net), threads)))
+    return runs
+
+
+def _row(net: str, shape: Sequence[int], runs: list[dict[str, float | int]]) -> dict[str, Any]:
+    wall = [float(r["wall_s"]) for r in runs]
     wall_s = statistics.median(wall)
     return {
         "net": net,
         "shape": list(shape),
-        "voxels": voxels,
+        "voxels": runs[0]["voxels"],
         "wall_s": wall_s,
         "wall_samples_s": wall,
-        "pipeline_s": statistics.median(s.seconds for s in summaries),
+        "pipeline_s": statistics.median(float(r["pipeline_s"]) for r in runs),
+        "peak_rss_mib": statistics.median(float(r["peak_rss_mib"]) for r in runs),
+        "pids": [r["pid"] for r in runs],
         "repeats": len(wall),
-        "voxels_per_s": voxels / wall_s,
+        "voxels_per_s": runs[0]["voxels"] / wall_s,
     }
 
 
 def bench_inference(
-    nets: Sequence[str], shape: Sequence[int], repeats: int, workdir: Path, log: Callable[[str], None]
+    nets: Sequence[str], shape: Sequence[int], repeats: int, workdir: Path, log: Callable[[str], None],
+    threads: int,
 ) -> list[dict[str, Any]]:
-    """`usema infer` of every net on a synthetic volume of ``shape`` in ``workdir``: one warm-up round on a few
-    slices, then ``repeats`` interleaved rounds on the whole volume; one row per net."""
+    """`usema infer` of every net on a synthetic volume of ``shape`` in ``workdir``, ``repeats`` interleaved rounds,
+    each run in a fresh process with ``threads`` torch threads; one row per net."""
     image = write_volume(workdir / "volume.nii.gz", shape)
-    warmup = write_volume(workdir / "warmup.nii.gz", (*shape[:2], min(shape[2], WARMUP_SLICES)))
     log(f"infer {'×'.join(map(str, shape))}: writing {len(nets)} random-weight checkpoints")
     checkpoints = {net: write_checkpoint(net, shape[:2], workdir / f"{net}.pt") for net in nets}
-    log(f"infer: warm-up + {repeats} interleaved rounds of usema infer")
-    _rounds(checkpoints, warmup, workdir / "out", 1)
-    measured = _rounds(checkpoints, image, workdir / "out", repeats)
-    return [_row(net, shape, measured["wall"][net], measured["summaries"][net]) for net in nets]
+    log(f"infer: {repeats} interleaved round(s) of usema infer, a fresh process per run")
+    runs = _rounds(checkpoints, image, workdir / "out", repeats, threads)
+    return [_row(net, shape, runs[net]) for net in nets]

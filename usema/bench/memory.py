@@ -3,33 +3,14 @@
 from __future__ import annotations
 
 import gc
-import multiprocessing
 from typing import Sequence
 
 import torch
 
 from usema.allocator import retain_freed_memory
 from usema.bench.networks import build_bench_network, make_input
+from usema.bench.processes import fresh_processes, proc_status_mib, reset_peak_rss
 from usema.inference.model_loading import place_for_inference
-
-def _proc_status_mib(*keys: str) -> dict[str, float]:
-    values = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            key, _, rest = line.partition(":")
-            if key in keys:
-                values[key] = int(rest.split()[0]) / 1024  # kB -> MiB
-    return values
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux clear_refs 5); False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def memory_probe(name: str, spatial_dims: int, size: int, threads: int) -> dict[str, float | bool]:
@@ -45,12 +26,12 @@ def memory_probe(name: str, spatial_dims: int, size: int, threads: int) -> dict[
     model = place_for_inference(build_bench_network(name, spatial_dims, size).eval(), torch.device("cpu"))
     x = make_input(spatial_dims, size)
     gc.collect()
-    reset = _reset_peak_rss()
-    before = _proc_status_mib("VmRSS", "VmHWM")
+    reset = reset_peak_rss()
+    before = proc_status_mib("VmRSS", "VmHWM")
     baseline = before["VmRSS"] if reset else before["VmHWM"]
     with torch.no_grad():
         model(x)
-    peak = _proc_status_mib("VmHWM")["VmHWM"]
+    peak = proc_status_mib("VmHWM")["VmHWM"]
     return {"baseline_mib": baseline, "forward_mib": peak - baseline, "process_peak_mib": peak, "hwm_reset": reset}
 
 
@@ -61,13 +42,10 @@ def measure_peak_memory(
     order: the median of each value, and the forward rises in ``forward_samples_mib``.
 
     VmHWM is per process (and ru_maxrss would inherit this process's peak), so every measurement gets a new
-    child, forked from a server that has imported torch and the networks once (importing MONAI takes seconds)
-    and has run no torch op, so no thread pool is inherited. One process's figure varies by tens of MiB (which
-    freed block the allocator reuses depends on thread timing), hence the median.
+    child (``fresh_processes``). One process's figure varies by tens of MiB (which freed block the allocator
+    reuses depends on thread timing), hence the median.
     """
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["usema.bench.memory", "usema.nets"])
-    with context.Pool(1, maxtasksperchild=1) as pool:
+    with fresh_processes(["usema.bench.memory", "usema.nets"]) as pool:
         samples = [[pool.apply(memory_probe, probe + (threads,)) for _ in range(repeats)] for probe in probes]
     return [_median_sample(runs) for runs in samples]
 

@@ -71,14 +71,16 @@ def _train(results: dict[str, Any], side: Callable[[int], str]) -> list[str]:
 
 def _infer(results: dict[str, Any]) -> list[str]:
     shape = "×".join(map(str, results["infer"][0]["shape"]))
-    header = ["network", "wall (s)", "n", "voxels/s", "voxels/s ×BasicUNet", "after model load (s)"]
+    header = ["network", "wall (s)", "n", "voxels/s", "voxels/s ×BasicUNet", "after model load (s)",
+              "peak memory (MiB)"]
     rows = [
         [r["net"], _fmt(r["wall_s"], 1), str(r["repeats"]), f"{r['voxels_per_s']:.3g}",
-         _fmt(r.get("voxels_per_s_ratio")), _fmt(r["pipeline_s"], 1)]
+         _fmt(r.get("voxels_per_s_ratio")), _fmt(r["pipeline_s"], 1), _fmt(r["peak_rss_mib"], 0)]
         for r in results["infer"]
     ]  # fmt: skip
-    return ["", f"### usema infer ({shape} NIfTI, 2D model slice by slice; voxels/s = voxels / wall time)", "",
-            *_table(header, rows)]  # fmt: skip
+    title = (f"### usema infer ({shape} NIfTI, 2D model slice by slice, a fresh process per run; voxels/s = voxels / "
+             "wall time; peak memory = the process's peak resident memory)")
+    return ["", title, "", *_table(header, rows)]
 
 
 def _scaling(results: dict[str, Any]) -> list[str]:
