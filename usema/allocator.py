@@ -24,8 +24,13 @@ MMAP_THRESHOLD_BYTES = 128 << 20
 256² slices (up to 128 channels at full resolution, concatenations included) and of 3D patches up to 96³ at 32
 channels. Larger ones are still mapped and returned when freed. Reused blocks fragment the heap: peak forward
 memory rose 20-30% at 1024² and 128³ with this threshold, and by a third or more with every block kept (1 GiB)."""
-TRIM_THRESHOLD_BYTES = 256 << 20
-"""Up to 256 MiB of free memory at the top of the heap is kept for the next window instead of being trimmed."""
+TRIM_THRESHOLD_BYTES = 1 << 30
+"""Up to 1 GiB of free memory at the top of the heap is kept for the next window instead of being trimmed. At 256
+MiB (usema 0.3.1) a batch whose activations add up to more (BasicUNet's and DynUNet's four 256² slices, usema-base's
+four 512² slices) was trimmed and faulted in again at every window: 2.6-3.7 million page faults per 200-slice volume
+for BasicUNet; with 1 GiB `usema infer` took 21% less time for BasicUNet and 4-9% less for usema-base on 512²
+slices (with a lower peak), while peak forward memory moved within the probes' spread (docs/benchmarks.md,
+"Memory allocator")."""
 USER_SETTINGS = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
                  "MALLOC_MMAP_MAX_", "LD_PRELOAD")
 
