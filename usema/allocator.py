@@ -4,9 +4,9 @@ A network's activations are tens to hundreds of MiB each and are freed and alloc
 of ``usema infer`` and every training step. glibc serves a block above its mmap threshold (128 KiB, raised
 adaptively to at most 32 MiB) with a fresh ``mmap`` and unmaps it when freed, and trims the top of the heap
 beyond twice that: every window then page-faults its activations in again and the kernel zeroes each page.
-With glibc's defaults, `usema infer` of a 200-slice volume on 2 cores took 14% longer with usema-base (4.1
-million page faults, 0.3 million with these settings) and 11% with usema-tiny (docs/benchmarks.md, "Memory
-allocator"). PyTorch's CPU tuning guides swap in jemalloc or tcmalloc for this; two ``mallopt`` settings get
+With glibc's defaults, `usema infer` of a 200-slice volume on 2 cores took 11% longer with usema-base (4.3
+million page faults, 0.3 million with these settings), 12% with usema-tiny and 58% with MONAI's BasicUNet
+(docs/benchmarks.md, "Memory allocator"). PyTorch's CPU tuning guides swap in jemalloc or tcmalloc for this; two ``mallopt`` settings get
 the same reuse from glibc itself.
 """
 
