@@ -227,3 +227,80 @@ def test_an_eager_checkpoint_loads_into_a_compiling_trainer(tmp_path: Path):
         check_resume_recipe(state["recipe"], compiling.recipe_dict, tmp_path / "last.pt")
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+# --------------------------------------------------------------------------------------------- train.precision
+# one SGD step on one batch: bf16 autocast moves a tiny USEMA's deep-supervised Dice+CE loss by about 0.3% here
+BF16_LOSS_RELATIVE_TOLERANCE = 0.03
+
+
+def _train_config(**keys: object):
+    return load_recipe("demo_nuclei", [f"train.{k}={v}" for k, v in keys.items()]).train
+
+
+def test_train_precision_auto_follows_amp_and_explicit_ones_are_checked(monkeypatch: pytest.MonkeyPatch):
+    from usema.training.trainer import training_autocast_dtype
+
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: True)
+    assert training_autocast_dtype(_train_config(), CPU) is None  # auto: AMP is a CUDA matter
+    assert training_autocast_dtype(_train_config(precision="fp32"), CPU) is None
+    assert training_autocast_dtype(_train_config(precision="bf16"), CPU) is torch.bfloat16
+    with pytest.raises(UsemaError, match=r"^train.precision fp16 needs a CUDA device; use bf16 on CPU$"):
+        training_autocast_dtype(_train_config(precision="fp16"), CPU)
+    with pytest.raises(UsemaError, match=r"^train.amp: false turns mixed precision off, but train.precision is bf16"):
+        training_autocast_dtype(_train_config(amp="false", precision="bf16"), CPU)
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: False)
+    with pytest.raises(UsemaError, match=r"^train.precision bf16: expected a processor with bfloat16 support"):
+        training_autocast_dtype(_train_config(precision="bf16"), CPU)
+
+
+def test_a_precision_the_cpu_cannot_train_in_is_refused_before_any_write(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture):
+    out = tmp_path / "run"
+    assert main(["train", "demo_nuclei", "--output", str(out), "--set", "train.precision=fp16"]) == 2
+    assert capsys.readouterr().err == "usema: error: train.precision fp16 needs a CUDA device; use bf16 on CPU\n"
+    assert not out.exists()
+
+
+def test_bf16_training_step_on_cpu_gives_the_fp32_loss_within_tolerance(tmp_path: Path):
+    if not precision.cpu_supports_bf16():
+        pytest.skip("this processor has no native bfloat16 kernels")
+    from types import SimpleNamespace
+
+    from usema.training.distributed import DistContext
+    from usema.training.trainer import Trainer
+
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 1, 64, 64, generator=generator)
+    batch = {"image": image, "label": (image > 0.5).float()}  # class indices, as the patch pipeline gives them
+
+    def step(precision_name: str) -> tuple[Trainer, float]:
+        recipe = load_recipe("demo_nuclei", ["data.num_workers=0", "data.patch_size=[64,64]",
+                                             f"train.precision={precision_name}"])
+        data = SimpleNamespace(labels={0: "background", 1: "nucleus"}, in_channels=1, norm_stats=None,
+                               train_dataset=None, val_cases=[])
+        trainer = Trainer(recipe, recipe_to_dict(recipe), data, tmp_path / precision_name, DistContext())
+        return trainer, trainer._train_step(batch)
+
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        (fp32, fp32_loss), (bf16, bf16_loss) = step("fp32"), step("bf16")
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert bf16.amp_dtype is torch.bfloat16 and fp32.amp_dtype is None
+    assert bf16_loss == pytest.approx(fp32_loss, rel=BF16_LOSS_RELATIVE_TOLERANCE)
+    assert bf16_loss != fp32_loss  # the forward really ran in bfloat16
+    # the optimiser updated float32 master weights, as in float32 training
+    weights = dict(bf16.network.named_parameters())
+    assert all(p.dtype == torch.float32 for p in weights.values())
+    moved = [(weights[k] - p).abs().max().item() for k, p in fp32.network.named_parameters()]
+    assert max(moved) < 0.01
+
+
+def test_a_run_stored_before_train_precision_existed_resumes_as_auto(tmp_path: Path):
+    recipe = recipe_to_dict(load_recipe("demo_nuclei"))
+    stored = {**recipe, "train": {k: v for k, v in recipe["train"].items() if k != "precision"}}
+    check_resume_recipe(stored, recipe, tmp_path / "last.pt")  # auto: what the run did
+    bf16 = recipe_to_dict(load_recipe("demo_nuclei", ["train.precision=bf16"]))
+    with pytest.raises(UsemaError, match=r"train.precision: 'auto' -> 'bf16'"):
+        check_resume_recipe(stored, bf16, tmp_path / "last.pt")

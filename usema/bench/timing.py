@@ -36,15 +36,20 @@ def forward_step(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return step
 
 
-def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], object]:
-    """One SGD step on cross-entropy; the network is built without deep supervision (plain logits)."""
+def train_step(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, autocast_dtype: torch.dtype | None = None
+) -> Callable[[], object]:
+    """One SGD step on cross-entropy; the network is built without deep supervision (plain logits). With
+    ``autocast_dtype`` the forward runs under CPU autocast (as ``train.precision: bf16``), the loss in float32."""
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> object:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), target)
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = model(x)
+        loss = loss_fn(logits.float(), target)
         loss.backward()
         optimizer.step()
         return loss

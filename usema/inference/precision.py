@@ -26,24 +26,24 @@ def cpu_supports_bf16() -> bool:
     return bool(check is not None and torch.backends.mkldnn.is_available() and check())
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(precision: str, device: torch.device, option: str = "--precision") -> torch.dtype | None:
     """The autocast dtype of ``--precision`` on ``device`` (None: float32, no autocast).
 
     ``auto`` is fp16 on CUDA (nnU-Net's inference AMP) and fp32 on the CPU. A precision the device cannot run is a
-    UsemaError naming ``--precision``.
+    UsemaError naming ``option`` (``--precision``, or ``train.precision`` for training).
     """
     if precision not in PRECISIONS:
-        raise UsemaError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise UsemaError(f"{option}: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     cuda = device.type == "cuda"
     if precision == "auto":
         return torch.float16 if cuda else None
     if precision == "fp16" and not cuda:
-        raise UsemaError("--precision fp16 needs a CUDA device; use bf16 on CPU")
+        raise UsemaError(f"{option} fp16 needs a CUDA device; use bf16 on CPU")
     if precision == "bf16" and not cuda and not cpu_supports_bf16():
-        raise UsemaError("--precision bf16: expected a processor with bfloat16 support (AVX512-BF16 or AMX) for "
-                         "CPU inference, this one has none; use fp32")
+        raise UsemaError(f"{option} bf16: expected a processor with bfloat16 support (AVX512-BF16 or AMX) on the "
+                         "CPU, this one has none; use fp32")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
-        raise UsemaError(f"--precision bf16: expected a GPU with bfloat16 support, {device} has none; use fp16")
+        raise UsemaError(f"{option} bf16: expected a GPU with bfloat16 support, {device} has none; use fp16")
     return _DTYPES[precision]
 
 

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 # recipe keys that may differ on --resume: they change speed or memory, not the method (train.compile may change
 # the last bits of float results, as a different thread count does)
 RESUME_FREE_KEYS = {"data.num_workers", "data.cache", "output.dir", "val.sw_batch_size", "train.compile"}
+# recipe keys added after 0.3.1, with the default that reproduces what runs stored without them did
+ADDED_KEY_DEFAULTS = {"train.precision": "auto"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -141,8 +143,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def check_resume_recipe(stored: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
-    """A resumed run must use the recipe it started with (up to keys that cannot change results)."""
-    old, new = _flatten(stored), _flatten(current)
+    """A resumed run must use the recipe it started with (up to keys that cannot change results); a key added
+    since the run started (``ADDED_KEY_DEFAULTS``) reads as its default in the stored recipe."""
+    old, new = ADDED_KEY_DEFAULTS | _flatten(stored), _flatten(current)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUME_FREE_KEYS)
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
@@ -178,9 +181,10 @@ def _prepare_data(recipe: Any, run_dir: Path, ctx: DistContext) -> Any:
 def train(recipe: Any, run_dir: Path, ctx: DistContext, resume: bool = False, overwrite: bool = False) -> Any:
     """Train ``recipe`` into ``run_dir`` (fresh, resumed or overwritten); returns the final TrainState."""
     from usema.config import dump_recipe, recipe_to_dict  # noqa: PLC0415
-    from usema.training.trainer import Trainer  # noqa: PLC0415
+    from usema.training.trainer import Trainer, training_autocast_dtype  # noqa: PLC0415
 
     run_dir = Path(run_dir)
+    training_autocast_dtype(recipe.train, ctx.device)  # a precision this device cannot run: refused before any write
     ckpt = prepare_run_dir(run_dir, ctx, resume, overwrite)
     recipe_dict = recipe_to_dict(recipe)
     if ckpt is not None:

@@ -20,8 +20,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from usema.config import TrainConfig
 from usema.errors import UsemaError
 from usema.faults import fault_point
+from usema.inference.precision import autocast_dtype
 from usema.training import reporting
 from usema.run.checkpoint import StoredModel, save_checkpoint
 from usema.run.compilation import compile_failures, compile_module
@@ -79,11 +81,21 @@ def configure_determinism(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def _amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 where the GPU supports it (no loss scaling needed), else fp16; None = no autocast."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def training_autocast_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the training forward on ``device``; None = float32, no autocast.
+
+    ``train.precision`` auto follows ``train.amp``: on CUDA bf16 where the GPU supports it (no loss scaling needed),
+    else fp16; float32 on the CPU. An explicit precision must be one the device runs natively (UsemaError naming
+    the key otherwise) and must not contradict ``amp: false``.
+    """
+    if train.precision == "auto":
+        if not train.amp or device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if not train.amp and train.precision != "fp32":
+        raise UsemaError(f"train.amp: false turns mixed precision off, but train.precision is {train.precision}; "
+                         "drop one of the two")
+    return autocast_dtype(train.precision, device, option="train.precision")
 
 
 class Trainer:
@@ -132,7 +144,7 @@ class Trainer:
             self.network.parameters(), recipe.train.optimizer, recipe.train.lr, recipe.train.weight_decay
         )
         self.scheduler = build_scheduler(self.optimizer, recipe.train.schedule, self.total_steps)
-        self.amp_dtype = _amp_dtype(ctx.device, recipe.train.amp)
+        self.amp_dtype = training_autocast_dtype(recipe.train, ctx.device)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
         self.last_lr = recipe.train.lr
         self.writer = None
