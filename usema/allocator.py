@@ -6,8 +6,8 @@ adaptively to at most 32 MiB) with a fresh ``mmap`` and unmaps it when freed, an
 beyond twice that: every window then page-faults its activations in again and the kernel zeroes each page.
 With glibc's defaults, `usema infer` of a 200-slice volume on 2 cores took 11% longer with usema-base (4.3
 million page faults, 0.3 million with these settings), 12% with usema-tiny and 58% with MONAI's BasicUNet
-(docs/benchmarks.md, "Memory allocator"). PyTorch's CPU tuning guides swap in jemalloc or tcmalloc for this; two ``mallopt`` settings get
-the same reuse from glibc itself.
+(docs/benchmarks.md, "Memory allocator"). PyTorch's CPU tuning guides swap in jemalloc or tcmalloc for this;
+two ``mallopt`` settings get the same reuse from glibc itself.
 """
 
 from __future__ import annotations

@@ -77,8 +77,8 @@ class TrainConfig:
     """Mixed precision on CUDA (bf16 where the GPU supports it, else fp16 with loss scaling); false = float32."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: as ``amp`` says (CUDA autocast; float32 on the CPU). bf16 also on the CPU, where the processor has
-    native bfloat16 kernels (AVX512-BF16 or AMX): usema-tiny's training step 22% and usema-base's 34% shorter on such a CPU
-    (docs/training.md, "Mixed precision"). fp32 or fp16 (CUDA only) force that precision."""
+    native bfloat16 kernels (AVX512-BF16 or AMX): usema-tiny's training step 22% and usema-base's 34% shorter on
+    such a CPU (docs/training.md, "Mixed precision"). fp32 or fp16 (CUDA only) force that precision."""
     seed: int = 0
     fold: Union[int, Literal["all"], None] = None
     checkpoint_every: int = 0
