@@ -196,11 +196,14 @@ def test_a_killed_cv_resumes_without_retraining_finished_folds(tmp_path: Path):
     assert (tmp_path / "ens" / "cell_100.png").is_file()
 
 
-def test_cv_refuses_a_demo_recipe_and_a_fixed_fold(tmp_path: Path, png_dataset: Path,
+def test_cv_refuses_a_demo_recipe_a_fixed_fold_and_an_impossible_precision(tmp_path: Path, png_dataset: Path,
                                                    capsys: pytest.CaptureFixture):
     assert main(["cv", "demo_nuclei", "--output", str(tmp_path / "cv")]) == 2
     assert "data.source: usema cv needs an nnunet dataset" in capsys.readouterr().err
     recipe = _cv_recipe(tmp_path, png_dataset)
     assert main(["cv", str(recipe), "--output", str(tmp_path / "cv"), "--set", "train.fold=1"]) == 2
     assert "train.fold: expected null" in capsys.readouterr().err
+    assert not (tmp_path / "cv").exists()
+    assert main(["cv", str(recipe), "--output", str(tmp_path / "cv"), "--set", "train.precision=fp16"]) == 2
+    assert capsys.readouterr().err == "usema: error: train.precision fp16 needs a CUDA device; use bf16 on CPU\n"
     assert not (tmp_path / "cv").exists()

@@ -34,6 +34,7 @@ from usema.run.checkpoint import load_checkpoint
 from usema.run.device import resolve_device
 from usema.run.layout import LAST, checkpoint_path, has_run
 from usema.training import command as train_command
+from usema.training.trainer import training_autocast_dtype
 
 
 @dataclass
@@ -107,6 +108,7 @@ def cross_validate(
     """Run (or continue) the cross-validation of ``recipe_arg`` into ``cv_dir``; see the module docstring."""
     recipe = load_recipe(recipe_arg, overrides)
     check_cv_recipe(recipe, recipe_arg)
+    training_autocast_dtype(recipe.train, resolve_device(device))  # refused before the cv directory is made
     ds = nnunet.scan_dataset(recipe.data.root)
     ensure_writable_dir(cv_dir, "cv directory")
     folds, _ = load_or_create_splits(ds.root, [c.name for c in ds.train], cv_dir)
