@@ -38,4 +38,3 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
