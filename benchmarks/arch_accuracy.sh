@@ -2,6 +2,7 @@
 # demo_brain's best validation Dice at the default budget for USEMA layouts, over seeds, one thread per run
 # (a run's Dice is deterministic for a given thread count), two runs at a time on a 2-core machine. Variants:
 #   current | residual_stem | conv_decoder | residual_stem_conv_decoder (the options of the current layout)
+#   former_tiny (the 2D tiny preset's widths until usema 0.3.2: 16…256 instead of 16…128)
 #   usema02 (nn.InstanceNorm) | usema02_concat (0.2 with 0.1's concatenation + 1x1 fusion)
 #   usema01 (usema 0.1 itself, from git commit c8d0f98)
 # The table in docs/benchmarks.md ("Accuracy of the layout choices") comes from the lines this prints.
@@ -19,6 +20,7 @@ run() {  # run CORE VARIANT SEED
   case $variant in
     current) taskset -c "$core" usema "${train[@]}" ;;
     residual_stem) taskset -c "$core" usema "${train[@]}" --set model.overrides.stem=residual ;;
+    former_tiny) taskset -c "$core" usema "${train[@]}" --set 'model.overrides.features=[16,32,64,128,256,256]' ;;
     conv_decoder) taskset -c "$core" usema "${train[@]}" --set model.overrides.decoder_block=conv ;;
     residual_stem_conv_decoder) taskset -c "$core" usema "${train[@]}" --set model.overrides.stem=residual \
       --set model.overrides.decoder_block=conv ;;

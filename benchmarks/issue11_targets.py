@@ -40,16 +40,18 @@ def targets(bench_2d: dict[str, Any], bench_3d: dict[str, Any]) -> list[tuple[st
     r, _ = ratio(fwd, "gflops_per_s", 1024, "dynunet")
     lines.append(("achieved GFLOP/s 1024² ÷ DynUNet", f"{r:.2f}×", "≥ 0.9×", _verdict(r, 0.9, False)))
     for size in (512, 1024):
-        r, detail = ratio(fwd, "forward_mib", size, "dynunet")
-        lines.append((f"peak forward memory {size}² ÷ DynUNet", f"{r:.2f}× ({detail} MiB)", "≤ 0.9×",
-                      _verdict(r, 0.9, True)))
+        # the tensors the forward holds at once decide; the process's resident rise (allocator-dependent) is shown
+        r, detail = ratio(fwd, "tensor_mib", size, "dynunet")
+        rss, rss_detail = ratio(fwd, "forward_mib", size, "dynunet")
+        lines.append((f"peak forward memory {size}² ÷ DynUNet", f"{r:.2f}× ({detail} MiB of tensors; resident rise "
+                      f"{rss:.2f}×, {rss_detail} MiB)", "≤ 0.9×", _verdict(r, 0.9, True)))
     r, detail = ratio(bench_3d["train"], "train_step_s", 64, "dynunet")
     lines.append(("3D training step 64³, batch 2 ÷ DynUNet", f"{r:.2f}× ({detail} s)", "≤ 1.0×",
                   _verdict(r, 1.0, True)))
     sizes_3d = sorted({row["size"] for row in bench_3d["forward"]})
     r, detail = ratio(bench_3d["forward"], "latency_s", sizes_3d[-1], "dynunet")
-    m, _ = ratio(bench_3d["forward"], "forward_mib", sizes_3d[-1], "dynunet")
-    lines.append((f"3D forward {sizes_3d[-1]}³ ÷ DynUNet", f"{r:.2f}× ({detail} s), memory {m:.2f}×", "measured",
+    m, _ = ratio(bench_3d["forward"], "tensor_mib", sizes_3d[-1], "dynunet")
+    lines.append((f"3D forward {sizes_3d[-1]}³ ÷ DynUNet", f"{r:.2f}× ({detail} s), tensor memory {m:.2f}×", "measured",
                   "measured"))
     basic = next(r for r in infer if r["net"] == "basicunet")["voxels_per_s"]
     for net in ("usema-tiny", "usema-base"):

@@ -86,6 +86,21 @@ def test_interleaved_rounds_alternate_networks() -> None:
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
 
 
+def test_peak_tensor_memory_counts_what_a_forward_holds_at_once() -> None:
+    """conv -> relu -> conv on a 1x1x64x64 input: the first conv's output (8 maps) is alive while relu writes its
+    own (8 maps), then freed; the second conv's output (4 maps) is alive next to relu's. Peak: 16 maps of 64x64
+    float32. The weights, the input and views of them are not counted."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    x = torch.randn(1, 1, 64, 64)
+    plane = 64 * 64 * 4 / 2**20
+    assert memory.peak_tensor_mib(net, x) == pytest.approx(16 * plane)
+    assert memory.peak_tensor_mib(torch.nn.Sequential(net, torch.nn.ReLU(inplace=True)), x) == pytest.approx(16 * plane)
+    assert memory.peak_tensor_mib(torch.nn.Flatten(), x) == 0.0  # a view of the input allocates nothing
+    # the same figure in every run: no allocator state in it
+    assert len({memory.peak_tensor_mib(net, x) for _ in range(3)}) == 1
+
+
 @pytest.mark.slow  # starts a process that imports torch and MONAI
 def test_memory_probe_sees_forward_allocations() -> None:
     """The probe's forward peak exceeds the input size of a large image (a real forward high-water mark); the
@@ -129,6 +144,7 @@ def test_quick_bench_end_to_end(tmp_path, capsys: pytest.CaptureFixture[str]) ->
     assert set(forward) == {(n, s) for n in ("usema-tiny", "dynunet") for s in (64, 96)}
     for row in forward.values():
         assert row["params"] > 0 and row["flops"] > 0 and row["latency_s"] > 0 and row["forward_mib"] > 0
+        assert row["tensor_mib"] >= 4 * row["size"] ** 2 * 4 / 2**20  # the logits (4 classes) alone
         assert row["gflops_per_s"] == pytest.approx(row["flops"] / 1e9 / row["latency_s"])
     for size in (64, 96):
         assert forward["dynunet", size]["latency_s_ratio"] == 1.0
@@ -140,7 +156,7 @@ def test_quick_bench_end_to_end(tmp_path, capsys: pytest.CaptureFixture[str]) ->
     assert 0.9 < slopes["dynunet"]["flop_slope"] < 1.1  # a conv net's FLOPs are linear in pixels
 
     md = out.read_text()
-    for column in ("GFLOPs", "latency (s)", "peak fwd mem (MiB)", "GFLOP/s", "latency ×DynUNet", "train step (s)",
+    for column in ("GFLOPs", "latency (s)", "peak tensors (MiB)", "peak fwd mem (MiB)", "GFLOP/s", "latency ×DynUNet", "train step (s)",
                    "FLOP slope", "latency slope"):  # fmt: skip
         assert column in md
     assert md.count("| 64×64 |") == 4 and md.count("| 96×96 |") == 2  # forward rows; training at the smallest size

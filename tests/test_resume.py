@@ -100,3 +100,37 @@ def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(referen
     assert differing == [], "resumed weights differ from the uninterrupted run"
     assert metrics_without_timing(run_dir) == metrics_without_timing(reference)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "last.pt"]  # the temporary file is gone
+
+
+# ``usema train`` as usema <= 0.3.2 ran it: the 2D tiny preset with its former widths
+FORMER_TINY_TRAIN = """
+import dataclasses, sys
+import usema.nets.usema as nets
+from usema.run.spec import FORMER_PRESET_FEATURES
+from usema.cli import main
+nets.PRESETS[2]["tiny"] = dataclasses.replace(nets.PRESETS[2]["tiny"], features=FORMER_PRESET_FEATURES[(2, "tiny")])
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_of_the_former_tiny_preset_resumes_with_its_widths(tmp_path: Path) -> None:
+    """A run started before the 2D tiny preset changed widths resumes after the upgrade: the network is rebuilt with
+    the widths its checkpoint has, not refused as 'weights do not match'."""
+    from usema.run.spec import FORMER_PRESET_FEATURES  # noqa: PLC0415
+
+    former = FORMER_PRESET_FEATURES[(2, "tiny")]
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-c", FORMER_TINY_TRAIN, "train", *RUN, "--output", str(run_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=usema_env("train.iteration@2"),
+                          timeout=TIMEOUT_S, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    stored = checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert "features" not in stored["network"]["overrides"]
+    assert stored["model"]["encoder.5.0.conv1.weight"].shape[0] == former[-1]
+
+    proc = train(run_dir, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert final["step"] == 12
+    assert final["network"]["overrides"]["features"] == list(former)
+    assert final["model"]["encoder.5.0.conv1.weight"].shape[0] == former[-1]

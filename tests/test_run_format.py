@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from test_inference import make_checkpoint
 
 from synthetic_data import TINY_USEMA
 from usema.bundle.configs import network_def
+from usema.bundle.export import export_bundle
 from usema.config import Recipe
 from usema.errors import UsemaError
 from usema.inference.model_loading import load_model
@@ -20,7 +22,14 @@ from usema.nets import USEMA, build_network
 from usema.nets.usema import fits_training
 from usema.run.checkpoint import load_checkpoint, save_checkpoint
 from usema.run.device import resolve_device
-from usema.run.spec import NetworkSpec, build_network_from_spec, spec_from_dict, spec_to_dict
+from usema.run.layout import BUNDLE_INFERENCE, BUNDLE_USEMA_ARGS
+from usema.run.spec import (
+    FORMER_PRESET_FEATURES,
+    NetworkSpec,
+    build_network_from_spec,
+    spec_from_dict,
+    spec_to_dict,
+)
 
 
 def tiny_spec(**fields: object) -> NetworkSpec:
@@ -195,3 +204,47 @@ def test_a_patch_the_network_would_pad_is_refused(patch: list[int], message: str
     check_patch_size(network, [32, 64], spec)  # multiples of 16, each side >= 32: accepted
     with pytest.raises(UsemaError, match=f"data.patch_size: expected {message}"):
         check_patch_size(network, patch, spec)
+
+
+def test_checkpoint_of_the_former_tiny_preset_loads_with_its_widths(tmp_path: Path) -> None:
+    """usema 0.4 capped the 2D tiny preset at 128 channels: a checkpoint written with 0.3's tiny (256 channels in
+    its two deepest stages, stored as just ``preset: tiny``) is rebuilt with those widths and predicts the same;
+    weights that match neither are still refused."""
+    former = FORMER_PRESET_FEATURES[(2, "tiny")]
+    assert tuple(USEMA(2, 1, 3, "tiny").config.features) != former  # the preset really changed
+    path = make_checkpoint(tmp_path / "new.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["network"]["overrides"] = {}
+    torch.manual_seed(1)
+    net03 = USEMA(2, 1, 3, "tiny", features=former).eval()
+    ckpt["model"] = net03.state_dict()
+    torch.save(ckpt, tmp_path / "v03.pt")
+    model = load_model(tmp_path / "v03.pt")
+    assert model.spec.overrides == {"features": list(former)}
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.network.eval()(x), net03(x))
+    # a width the former preset never had is not "migrated": the load is refused as before
+    ckpt["model"] = USEMA(2, 1, 3, "tiny", features=(16, 32, 64, 128, 256, 192)).state_dict()
+    torch.save(ckpt, tmp_path / "other.pt")
+    with pytest.raises(UsemaError, match="other.pt: weights do not match the network usema"):
+        load_model(tmp_path / "other.pt")
+
+
+def test_bundles_of_the_former_tiny_preset(tmp_path: Path) -> None:
+    """A former-tiny run exports a bundle whose network_def names the widths (MONAI's runner builds the right
+    network), and a bundle as usema 0.3 wrote it (``preset: tiny``, no widths) still reads with its widths."""
+    former = list(FORMER_PRESET_FEATURES[(2, "tiny")])
+    run = make_run(tmp_path / "run", overrides={"features": former})
+    best = run / "checkpoints" / "best.pt"
+    ckpt = torch.load(best, weights_only=True)
+    ckpt["network"]["overrides"] = {}  # as stored before 0.4: the preset's name only
+    torch.save(ckpt, best)
+    bundle = export_bundle(run, tmp_path / "bundle")
+    assert json.loads((bundle / BUNDLE_INFERENCE).read_text())["network_def"]["features"] == former
+    args = json.loads((bundle / BUNDLE_USEMA_ARGS).read_text())
+    args["network"]["overrides"] = {}
+    (bundle / BUNDLE_USEMA_ARGS).write_text(json.dumps(args))
+    model = load_model(bundle)
+    assert model.spec.overrides == {"features": former}
+    assert model.network.encoder[5][0].conv1.out_channels == former[5]

@@ -17,7 +17,7 @@ import torch
 from usema.bench.flops import count_flops
 from usema.bench.infer import bench_inference
 from usema.bench.machine import LoadCheck, describe_machine
-from usema.bench.memory import measure_peak_memory
+from usema.bench.memory import measure_peak_memory, peak_tensor_mib
 from usema.bench.networks import build_all, check_sizes, make_input
 from usema.bench.settings import INFER_REFERENCE, OUT_CHANNELS, REFERENCE, BenchConfig
 from usema.bench.timing import forward_step, interleaved_rounds, train_step
@@ -50,6 +50,7 @@ def _bench_size(config: BenchConfig, size: int, repeats: int) -> list[dict[str, 
                 "pixels": size**config.spatial_dims,
                 "params": sum(p.numel() for p in model.parameters()),
                 "flops": count_flops(model, x),
+                "tensor_mib": peak_tensor_mib(model, x),
             }
         )
     steps = {n: forward_step(m, x) for n, m in models.items()}
@@ -149,7 +150,7 @@ def _bench_forward(config: BenchConfig) -> list[dict[str, Any]]:
         probes = [(r["net"], config.spatial_dims, r["size"]) for r in forward]
         for row, memory in zip(forward, measure_peak_memory(probes, config.threads)):
             row.update(memory)
-    _add_ratios(forward, ("latency_s", "forward_mib", "flops", "gflops_per_s"))
+    _add_ratios(forward, ("latency_s", "tensor_mib", "forward_mib", "flops", "gflops_per_s"))
     return forward
 
 

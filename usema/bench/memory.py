@@ -1,16 +1,63 @@
-"""Peak forward memory, each measurement in a fresh process (VmHWM is per process)."""
+"""Peak forward memory: the tensors a forward holds at once (counted op by op, deterministic), and the resident
+memory of a fresh process (VmHWM is per process), which also carries the allocator's and oneDNN's share."""
 
 from __future__ import annotations
 
 import gc
-from typing import Sequence
+import weakref
+from typing import Any, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from usema.allocator import retain_freed_memory
 from usema.bench.networks import build_bench_network, make_input
 from usema.bench.processes import fresh_processes, proc_status_mib, reset_peak_rss
 from usema.inference.model_loading import place_for_inference
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of the tensor storages that operators create while the mode is on and that are still alive: ``now``,
+    and its maximum ``peak``. Storages an operator shares with its inputs (views, in-place results) and those that
+    existed before (weights, the input) are not counted; a storage leaves the count when it is freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = 0
+        self.peak = 0
+
+    def _freed(self, key: int) -> None:
+        self.now -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key and key not in inputs and key not in self.live:
+                self.live[key] = storage.nbytes()
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self._freed, key)
+        return out
+
+
+def peak_tensor_mib(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """MiB of tensors one no-grad forward of ``model`` on ``x`` holds at its peak (activations and output; not the
+    weights, the input, nor buffers libraries allocate outside PyTorch tensors, such as oneDNN's scratchpads).
+
+    Unlike a process's resident memory it does not depend on which freed blocks the allocator keeps or reuses, so
+    it is the same in every run."""
+    counter = LiveTensorBytes()
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.peak / 2**20
 
 
 def memory_probe(name: str, spatial_dims: int, size: int, threads: int) -> dict[str, float | bool]:

@@ -42,15 +42,17 @@ def _header(results: dict[str, Any]) -> list[str]:
 
 def _forward(results: dict[str, Any], side: Callable[[int], str]) -> list[str]:
     header = [
-        "size", "network", "params (M)", "GFLOPs", "latency (s)", "n", "peak fwd mem (MiB)", "process peak (MiB)",
-        "GFLOP/s", "latency ×DynUNet", "memory ×DynUNet", "FLOPs ×DynUNet", "GFLOP/s ×DynUNet",
+        "size", "network", "params (M)", "GFLOPs", "latency (s)", "n", "peak tensors (MiB)", "peak fwd mem (MiB)",
+        "process peak (MiB)", "GFLOP/s", "latency ×DynUNet", "tensors ×DynUNet", "memory ×DynUNet", "FLOPs ×DynUNet",
+        "GFLOP/s ×DynUNet",
     ]  # fmt: skip
     rows = [
         [
             side(r["size"]), r["net"], _fmt(r["params"] / 1e6), _fmt(r["flops"] / 1e9, 1), _fmt(r["latency_s"], 3),
-            str(r["repeats"]), _fmt(r.get("forward_mib"), 0), _fmt(r.get("process_peak_mib"), 0),
-            _fmt(r["gflops_per_s"], 1), _fmt(r.get("latency_s_ratio")), _fmt(r.get("forward_mib_ratio")),
-            _fmt(r.get("flops_ratio")), _fmt(r.get("gflops_per_s_ratio")),
+            str(r["repeats"]), _fmt(r.get("tensor_mib"), 0), _fmt(r.get("forward_mib"), 0),
+            _fmt(r.get("process_peak_mib"), 0), _fmt(r["gflops_per_s"], 1), _fmt(r.get("latency_s_ratio")),
+            _fmt(r.get("tensor_mib_ratio")), _fmt(r.get("forward_mib_ratio")), _fmt(r.get("flops_ratio")),
+            _fmt(r.get("gflops_per_s_ratio")),
         ]  # fmt: skip
         for r in results["forward"]
     ]

@@ -25,7 +25,7 @@ from usema.config import Recipe, recipe_from_dict
 from usema.errors import UsemaError, os_reason
 from usema.io.files import atomic_path
 from usema.run.layout import BUNDLE_USEMA_ARGS, BUNDLE_WEIGHTS, is_bundle
-from usema.run.spec import NetworkSpec, check_overrides, spec_from_dict
+from usema.run.spec import NetworkSpec, check_overrides, spec_from_dict, with_stored_widths
 
 
 @dataclass
@@ -91,7 +91,7 @@ def check_checkpoint(payload: Any, source: Path) -> StoredModel:
         raise UsemaError(
             f"{source}: not a usema checkpoint (expected a usema checkpoint dict with keys model, network, recipe)"
         )
-    spec = spec_from_dict(payload["network"], f"{source}: network")
+    spec = with_stored_widths(spec_from_dict(payload["network"], f"{source}: network"), payload["model"])
     if not isinstance(payload["recipe"], dict):
         raise UsemaError(f"{source}: recipe: expected the resolved recipe as a mapping")
     recipe = recipe_from_dict(payload["recipe"], f"{source}: stored recipe")

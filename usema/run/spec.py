@@ -40,6 +40,11 @@ BUILDER_KEYWORDS = frozenset({"spatial_dims", "in_channels", "out_channels", "im
 _DEEP_HEAD_KEY = re.compile(r"heads\.[1-9][0-9]*\.")
 # tensors only the USEMA layout of usema 0.1 had: the decoder's 1x1 fusion and the residual stem's shortcut
 _USEMA_01_KEY = re.compile(r"decoder\.\d+\.0\.weight|encoder\.0\.0\.shortcut\.weight")
+# stage widths a USEMA preset had before it changed, by (spatial_dims, preset): weights stored under the preset's
+# name with these widths (and no ``features`` override) are rebuilt with them, so that earlier runs keep loading
+FORMER_PRESET_FEATURES: dict[tuple[int, str], tuple[int, ...]] = {
+    (2, "tiny"): (16, 32, 64, 128, 256, 256),  # usema <= 0.3.2 (0.4 caps the 2D tiny preset at 128 channels)
+}
 
 
 @dataclass(frozen=True)
@@ -201,6 +206,22 @@ def load_weights(network: nn.Module, state: Any, spec: NetworkSpec, source: str)
                          "version no longer builds: retrain, or fine-tune from them with model.init_from")
     if missing or result.unexpected_keys:
         raise UsemaError(f"{source}: weights do not match the network {spec.describe()} the checkpoint describes")
+
+
+def with_stored_widths(spec: NetworkSpec, weights: Any) -> NetworkSpec:
+    """``spec`` as its stored ``weights`` need it: a USEMA preset whose widths changed after the weights were
+    written (``FORMER_PRESET_FEATURES``) gets its former widths as an explicit ``features`` override; any other
+    spec is returned unchanged (and mismatching weights are refused when loaded)."""
+    former = FORMER_PRESET_FEATURES.get((spec.spatial_dims, spec.preset))
+    if spec.name != "usema" or former is None or "features" in spec.overrides or not isinstance(weights, Mapping):
+        return spec
+    # every USEMA stage starts with a block whose first conv has the stage's width as its output channels
+    widths = [weights.get(f"encoder.{i}.0.conv1.weight") for i in range(len(former))]
+    if any(getattr(w, "ndim", 0) != spec.spatial_dims + 2 for w in widths):
+        return spec
+    if tuple(int(w.shape[0]) for w in widths) != former or f"encoder.{len(former)}.0.conv1.weight" in weights:
+        return spec
+    return dataclasses.replace(spec, overrides={**spec.overrides, "features": list(former)})
 
 
 def check_same_architecture(source: NetworkSpec, target: NetworkSpec, where: str) -> None:

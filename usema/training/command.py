@@ -194,7 +194,8 @@ def train(recipe: Any, run_dir: Path, ctx: DistContext, resume: bool = False, ov
     init = read_init_source(recipe.model.init_from) if ckpt is None and recipe.model.init_from is not None else None
     data = _prepare_data(recipe, run_dir, ctx)
     # before recipe.yaml: a refused run leaves no run
-    trainer = Trainer(recipe, recipe_dict, data, run_dir, ctx, init=init)
+    trainer = Trainer(recipe, recipe_dict, data, run_dir, ctx, init=init,
+                      resume_weights=None if ckpt is None else ckpt["model"])
     if overwrite:
         clear_previous_run(run_dir, ctx)
     if ctx.is_main and ckpt is None:

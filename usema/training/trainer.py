@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -36,6 +36,7 @@ from usema.run.spec import (
     load_weights,
     spec_for_recipe,
     spec_to_dict,
+    with_stored_widths,
 )
 from usema.training.components import (
     GRAD_CLIP_NORM,
@@ -109,6 +110,8 @@ class Trainer:
         run_dir: output folder; ``checkpoints/``, ``metrics.csv``, ``plots/``, ``tb/`` go there.
         ctx: process placement (see :func:`usema.training.distributed.setup_distributed`).
         init: the stored model whose matching weights start a fresh run (``model.init_from``); None otherwise.
+        resume_weights: a resumed run's stored weights: a preset whose widths changed since they were written is
+            rebuilt with the widths they have (``usema.run.spec.FORMER_PRESET_FEATURES``).
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class Trainer:
         run_dir: Path,
         ctx: DistContext,
         init: StoredModel | None = None,
+        resume_weights: Mapping[str, Any] | None = None,
     ):
         self.recipe, self.recipe_dict, self.data, self.ctx = recipe, recipe_dict, data, ctx
         self.run_dir = Path(run_dir)
@@ -129,6 +133,8 @@ class Trainer:
         self.fg_names = [self.labels.get(k, str(k)) for k in range(1, self.num_classes)]
         self.columns = reporting.metric_columns(self.fg_names)
         self.spec = spec_for_recipe(recipe, data.in_channels, self.num_classes)
+        if resume_weights is not None:
+            self.spec = with_stored_widths(self.spec, resume_weights)
 
         configure_determinism(ctx.device)
         seed_everything(recipe.train.seed)

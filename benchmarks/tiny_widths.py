@@ -1,0 +1,67 @@
+"""Forward time of the 2D tiny preset with its widths (16…128, usema 0.4) and its former ones (16…256), and of
+MONAI's BasicUNet, on the slice batch `usema infer` runs: four 256² slices, channels-last for USEMA (as the
+command runs it on CPU), 2 threads, usema's allocator settings, interleaved rounds.
+
+    python benchmarks/tiny_widths.py [--rounds 10] [--output benchmarks/results/tiny_widths.md]
+
+Backs the width cap of ``PRESETS[2]["tiny"]`` (docs/benchmarks.md, "Tiny's widths"); demo_brain's Dice for the two
+widths comes from ``benchmarks/arch_accuracy.sh current former_tiny``. Run it on a quiet machine (`uptime`); the
+load average before the run is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from pathlib import Path
+
+import torch
+from monai.networks.nets import BasicUNet
+
+from usema.allocator import retain_freed_memory
+from usema.bench.timing import forward_step, interleaved_rounds
+from usema.nets import USEMA
+from usema.run.spec import FORMER_PRESET_FEATURES
+
+from report_output import print_and_write
+
+BATCH, SIDE, CLASSES = 4, 256, 4
+
+
+def networks() -> dict[str, torch.nn.Module]:
+    former = FORMER_PRESET_FEATURES[(2, "tiny")]
+    return {
+        "usema-tiny (16…128)": USEMA(2, 1, CLASSES, "tiny", deep_supervision=False).to(memory_format=torch.channels_last),
+        "usema-tiny, former widths (16…256)": USEMA(2, 1, CLASSES, "tiny", deep_supervision=False, features=former)
+        .to(memory_format=torch.channels_last),
+        "basicunet": BasicUNet(2, 1, CLASSES),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    retain_freed_memory()
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    x = torch.randn(BATCH, 1, SIDE, SIDE)
+    nets = networks()
+    steps = {name: forward_step(net, x.contiguous(memory_format=torch.channels_last) if name.startswith("usema") else x)
+             for name, net in nets.items()}
+    interleaved_rounds(steps, 2)
+    times = {name: statistics.median(s) for name, s in interleaved_rounds(steps, args.rounds).items()}
+    basic = times["basicunet"]
+    lines = [f"Forward of {BATCH} slices {SIDE}², torch {torch.__version__}, {args.threads} threads, median of "
+             f"{args.rounds} interleaved rounds; load average before {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}", "",
+             "| network | params (M) | forward (s) | BasicUNet ÷ this |", "|---" * 4 + "|"]
+    lines += [f"| {name} | {sum(p.numel() for p in nets[name].parameters()) / 1e6:.2f} | {t:.3f} | {basic / t:.2f} |"
+              for name, t in times.items()]
+    print_and_write(lines, args.output)
+
+
+if __name__ == "__main__":
+    main()
