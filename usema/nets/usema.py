@@ -60,7 +60,7 @@ def _widths(base: int, maximum: int, stages: int) -> tuple[int, ...]:
 
 
 # 2D tiny caps its width at 128 (256 until usema 0.3.2): its two deepest stages, at 1/16 and 1/32 of the input side,
-# then cost a quarter, and its forward 17% less time, with no lower demo Dice (docs/benchmarks.md, "Tiny's widths")
+# then cost a quarter, and its forward 18% less time, with no lower demo Dice (docs/benchmarks.md, "Tiny's widths")
 PRESETS: dict[int, dict[str, USEMAConfig]] = {
     2: {
         "tiny": USEMAConfig(features=_widths(16, 128, 6), encoder_blocks=(1,) * 6, sema_depth=(1, 1, 1)),
