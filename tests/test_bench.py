@@ -111,6 +111,7 @@ def test_memory_probe_sees_forward_allocations() -> None:
     feature_map_mib = 32 * 128 * 128 * 4 / 2**20  # BasicUNet's first feature map alone
     assert result["forward_mib"] >= feature_map_mib
     assert result["process_peak_mib"] >= result["baseline_mib"] + result["forward_mib"] - 1e-6
+    assert result["tensor_mib"] >= feature_map_mib
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import torch
 from usema.bench.flops import count_flops
 from usema.bench.infer import bench_inference
 from usema.bench.machine import LoadCheck, describe_machine
-from usema.bench.memory import measure_peak_memory, peak_tensor_mib
+from usema.bench.memory import measure_peak_memory
 from usema.bench.networks import build_all, check_sizes, make_input
 from usema.bench.settings import INFER_REFERENCE, OUT_CHANNELS, REFERENCE, BenchConfig
 from usema.bench.timing import forward_step, interleaved_rounds, train_step
@@ -36,7 +36,7 @@ def log(message: str) -> None:
 
 
 def _bench_size(config: BenchConfig, size: int, repeats: int) -> list[dict[str, Any]]:
-    """Forward metrics of every net at one size: params, FLOPs, latency over interleaved rounds, peak tensors."""
+    """Forward metrics of every net at one size: params, FLOPs and latency over interleaved rounds."""
     models = build_all(config.nets, config.spatial_dims, size)
     x = make_input(config.spatial_dims, size)
     rows = []
@@ -56,8 +56,6 @@ def _bench_size(config: BenchConfig, size: int, repeats: int) -> list[dict[str, 
     log(f"{size}: warm-up + {repeats} interleaved latency rounds")
     interleaved_rounds(steps, 1)  # the counted forward runs under a dispatch mode: it does not warm up
     times = interleaved_rounds(steps, repeats)
-    for row in rows:  # after the timed rounds: its dispatch-mode forward leaves the heap as no user's run has it
-        row["tensor_mib"] = peak_tensor_mib(models[row["net"]], x)
     del models
     gc.collect()
     for row in rows:

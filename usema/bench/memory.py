@@ -64,8 +64,10 @@ def memory_probe(name: str, spatial_dims: int, size: int, threads: int) -> dict[
     """Peak memory of one no-grad forward in this process (meant to run in a fresh subprocess).
 
     ``baseline_mib`` is the resident memory after imports, model construction and input creation;
-    ``forward_mib`` the VmHWM rise above it during the forward; ``process_peak_mib`` the VmHWM at the end.
-    The allocator and the network's layout are set up as `usema infer` sets them up.
+    ``forward_mib`` the VmHWM rise above it during the forward; ``process_peak_mib`` the VmHWM at the end;
+    ``tensor_mib`` the tensors the forward holds at once (``peak_tensor_mib``, measured afterwards: here its
+    dispatch-mode forward cannot change the heap a timed forward runs on). The allocator and the network's layout
+    are set up as `usema infer` sets them up.
     """
     retain_freed_memory()
     torch.set_num_threads(threads)
@@ -79,7 +81,8 @@ def memory_probe(name: str, spatial_dims: int, size: int, threads: int) -> dict[
     with torch.no_grad():
         model(x)
     peak = proc_status_mib("VmHWM")["VmHWM"]
-    return {"baseline_mib": baseline, "forward_mib": peak - baseline, "process_peak_mib": peak, "hwm_reset": reset}
+    return {"baseline_mib": baseline, "forward_mib": peak - baseline, "process_peak_mib": peak, "hwm_reset": reset,
+            "tensor_mib": peak_tensor_mib(model, x)}
 
 
 def measure_peak_memory(
