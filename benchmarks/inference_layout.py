@@ -10,19 +10,16 @@ run. Run it on a quiet machine (check `uptime`); the load average before the run
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import statistics
-from pathlib import Path
 
 import torch
 
-from usema.allocator import retain_freed_memory
 from usema.bench.networks import build_all, make_input
 from usema.bench.timing import forward_step, interleaved_rounds
 
 from report_output import print_and_write
+from timed_run import start_timed_run
 
 CASES = (  # (dims, side, batch, networks, rounds)
     (2, 256, 4, ("usema-tiny", "usema-base", "dynunet", "basicunet"), 5),
@@ -47,13 +44,7 @@ def case_rows(dims: int, side: int, batch: int, nets: tuple[str, ...], rounds: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", type=Path)
-    args = parser.parse_args()
-    retain_freed_memory()
-    torch.set_num_threads(args.threads)
-    load = os.getloadavg()
+    args, load = start_timed_run(__doc__)
     lines = [f"Forward time by weight layout, torch {torch.__version__}, {args.threads} threads; load average before "
              f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}", "",
              "| input | network | default (s) | channels-last (s) | channels-last ÷ default |", "|---" * 5 + "|"]

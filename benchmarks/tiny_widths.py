@@ -11,20 +11,17 @@ load average before the run is printed.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-from pathlib import Path
 
 import torch
 from monai.networks.nets import BasicUNet
 
-from usema.allocator import retain_freed_memory
 from usema.bench.timing import forward_step, interleaved_rounds
 from usema.nets import USEMA
 from usema.run.spec import FORMER_PRESET_FEATURES
 
 from report_output import print_and_write
+from timed_run import start_timed_run
 
 BATCH, SIDE, CLASSES = 4, 256, 4
 
@@ -40,14 +37,7 @@ def networks() -> dict[str, torch.nn.Module]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", type=Path)
-    args = parser.parse_args()
-    retain_freed_memory()
-    torch.set_num_threads(args.threads)
-    load = os.getloadavg()
+    args, load = start_timed_run(__doc__, rounds=10)
     x = torch.randn(BATCH, 1, SIDE, SIDE)
     nets = networks()
     steps = {name: forward_step(net, x.contiguous(memory_format=torch.channels_last) if name.startswith("usema") else x)

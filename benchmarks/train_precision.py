@@ -10,35 +10,25 @@ emulate them and the script stops. Run it on a quiet machine (check `uptime`); t
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-from pathlib import Path
 
 import torch
 
-from usema.allocator import retain_freed_memory
 from usema.bench.networks import build_bench_network, make_input
 from usema.bench.timing import interleaved_rounds, train_step
 from usema.inference.precision import cpu_supports_bf16
 
 from report_output import print_and_write
+from timed_run import start_timed_run
 
 NETS = ("usema-tiny", "usema-base", "dynunet")
 SIDE, BATCH, CLASSES = 256, 2, 4
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--output", type=Path)
-    args = parser.parse_args()
+    args, load = start_timed_run(__doc__, rounds=5)
     if not cpu_supports_bf16():
         raise SystemExit("this processor has no native bfloat16 kernels (AVX512-BF16 or AMX)")
-    retain_freed_memory()
-    torch.set_num_threads(args.threads)
-    load = os.getloadavg()
     x = make_input(2, SIDE, BATCH)
     target = torch.randint(0, CLASSES, (BATCH, SIDE, SIDE), generator=torch.Generator().manual_seed(0))
     steps = {(net, dtype): train_step(build_bench_network(net, 2, SIDE), x, target, dtype)
