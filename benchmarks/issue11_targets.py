@@ -51,7 +51,8 @@ def targets(bench_2d: dict[str, Any], bench_3d: dict[str, Any]) -> list[tuple[st
     sizes_3d = sorted({row["size"] for row in bench_3d["forward"]})
     r, detail = ratio(bench_3d["forward"], "latency_s", sizes_3d[-1], "dynunet")
     m, _ = ratio(bench_3d["forward"], "tensor_mib", sizes_3d[-1], "dynunet")
-    lines.append((f"3D forward {sizes_3d[-1]}³ ÷ DynUNet", f"{r:.2f}× ({detail} s), tensor memory {m:.2f}×", "measured",
+    lines.append((f"3D forward {sizes_3d[-1]}³ ÷ DynUNet", f"{r:.2f}× ({detail} s), tensor memory {m:.2f}×",
+                  "measured",
                   "measured"))
     basic = next(r for r in infer if r["net"] == "basicunet")["voxels_per_s"]
     for net in ("usema-tiny", "usema-base"):

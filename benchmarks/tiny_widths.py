@@ -17,6 +17,7 @@ import torch
 from monai.networks.nets import BasicUNet
 
 from usema.bench.timing import forward_step, interleaved_rounds
+from usema.inference.model_loading import place_for_inference
 from usema.nets import USEMA
 from usema.run.spec import FORMER_PRESET_FEATURES
 
@@ -27,21 +28,21 @@ BATCH, SIDE, CLASSES = 4, 256, 4
 
 
 def networks() -> dict[str, torch.nn.Module]:
+    """The three networks in the layout `usema infer` gives them on the CPU (channels-last for 2D USEMA)."""
     former = FORMER_PRESET_FEATURES[(2, "tiny")]
-    return {
-        "usema-tiny (16…128)": USEMA(2, 1, CLASSES, "tiny", deep_supervision=False).to(memory_format=torch.channels_last),
-        "usema-tiny, former widths (16…256)": USEMA(2, 1, CLASSES, "tiny", deep_supervision=False, features=former)
-        .to(memory_format=torch.channels_last),
+    nets = {
+        "usema-tiny (16…128)": USEMA(2, 1, CLASSES, "tiny", deep_supervision=False),
+        "usema-tiny, former widths (16…256)": USEMA(2, 1, CLASSES, "tiny", deep_supervision=False, features=former),
         "basicunet": BasicUNet(2, 1, CLASSES),
     }
+    return {name: place_for_inference(net, torch.device("cpu")) for name, net in nets.items()}
 
 
 def main() -> None:
     args, load = start_timed_run(__doc__, rounds=10)
     x = torch.randn(BATCH, 1, SIDE, SIDE)
     nets = networks()
-    steps = {name: forward_step(net, x.contiguous(memory_format=torch.channels_last) if name.startswith("usema") else x)
-             for name, net in nets.items()}
+    steps = {name: forward_step(net, x) for name, net in nets.items()}  # one channel: x is channels-last as well
     interleaved_rounds(steps, 2)
     times = {name: statistics.median(s) for name, s in interleaved_rounds(steps, args.rounds).items()}
     basic = times["basicunet"]

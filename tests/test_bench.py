@@ -157,8 +157,8 @@ def test_quick_bench_end_to_end(tmp_path, capsys: pytest.CaptureFixture[str]) ->
     assert 0.9 < slopes["dynunet"]["flop_slope"] < 1.1  # a conv net's FLOPs are linear in pixels
 
     md = out.read_text()
-    for column in ("GFLOPs", "latency (s)", "peak tensors (MiB)", "peak fwd mem (MiB)", "GFLOP/s", "latency ×DynUNet", "train step (s)",
-                   "FLOP slope", "latency slope"):  # fmt: skip
+    for column in ("GFLOPs", "latency (s)", "peak tensors (MiB)", "peak fwd mem (MiB)", "GFLOP/s", "latency ×DynUNet",
+                   "train step (s)", "FLOP slope", "latency slope"):  # fmt: skip
         assert column in md
     assert md.count("| 64×64 |") == 4 and md.count("| 96×96 |") == 2  # forward rows; training at the smallest size
 

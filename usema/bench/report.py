@@ -43,8 +43,8 @@ def _header(results: dict[str, Any]) -> list[str]:
 def _forward(results: dict[str, Any], side: Callable[[int], str]) -> list[str]:
     header = [
         "size", "network", "params (M)", "GFLOPs", "latency (s)", "n", "peak tensors (MiB)", "peak fwd mem (MiB)",
-        "process peak (MiB)", "GFLOP/s", "latency ×DynUNet", "tensors ×DynUNet", "memory ×DynUNet", "FLOPs ×DynUNet",
-        "GFLOP/s ×DynUNet",
+        "process peak (MiB)", "GFLOP/s", "latency ×DynUNet", "tensors ×DynUNet", "memory ×DynUNet",
+        "FLOPs ×DynUNet", "GFLOP/s ×DynUNet",
     ]  # fmt: skip
     rows = [
         [
