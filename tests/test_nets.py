@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -329,3 +330,101 @@ def test_usema_in_its_inference_layout_predicts_the_same_logits(dims, size, layo
     assert net.encoder[1][0].conv1.weight.is_contiguous(memory_format=layout)
     # another summation order in the convolutions: float32 rounding, grown through 20 normalised layers
     torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+
+
+def _reference_instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Instance norm written out: per sample and channel, zero mean and unit biased variance, then affine."""
+    dims = tuple(range(2, x.ndim))
+    mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+    shape = (1, -1, *(1,) * len(dims))
+    return (x - mean) / torch.sqrt(var + 1e-5) * weight.view(shape) + bias.view(shape)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6), (2, 4, 3, 5, 4), (1, 6, 1, 9)], ids=["2d", "3d", "one-row"])
+def test_channels_last_instance_norm_gradients_equal_the_written_out_formula(shape):
+    """Training channels-last on the CPU runs the norm's own backward (not PyTorch's group norm's): its gradients
+    for the input, weight and bias equal autograd's through the formula written out, in float64."""
+    from usema.nets.norm import InstanceNorm
+
+    layout = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    gen = torch.Generator().manual_seed(3)
+    norm = InstanceNorm(shape[1]).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0, generator=gen)
+        norm.bias.uniform_(-1.0, 1.0, generator=gen)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1).contiguous(memory_format=layout)
+    upstream = torch.randn(shape, generator=gen, dtype=torch.float64)
+    grads = []
+    for fn in (norm, lambda t: _reference_instance_norm(t, norm.weight, norm.bias)):
+        xi = x.clone(memory_format=torch.preserve_format).requires_grad_()
+        out = fn(xi)
+        grads.append(torch.autograd.grad((out * upstream).sum(), [xi, norm.weight, norm.bias]))
+    for mine, reference in zip(*grads):
+        torch.testing.assert_close(mine, reference, rtol=1e-10, atol=1e-10)
+    assert grads[0][0].is_contiguous(memory_format=layout)  # the next conv's backward gets channels-last
+
+
+def test_channels_last_instance_norm_passes_gradcheck():
+    """The hand-written backward against finite differences, for the input, weight and bias."""
+    from usema.nets.norm import _ChannelsLastInstanceNorm
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight, bias = (torch.randn(3, generator=gen, dtype=torch.float64) for _ in range(2))
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda *a: _ChannelsLastInstanceNorm.apply(*a, 1e-5), inputs)
+
+
+class _OpNames(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_usema_trains_channels_last_without_pytorchs_channels_last_group_norm_backward():
+    """2D USEMA declares channels-last for CPU training; a training step in that layout gives the same gradients
+    as channels-first and never runs ``native_group_norm_backward`` (4x slower channels-last)."""
+    torch.manual_seed(0)
+    net = USEMA(2, 1, 3, "tiny", deep_supervision=False).double()
+    assert net.training_memory_format == torch.channels_last
+    assert USEMA(3, 1, 3, "tiny").training_memory_format == torch.contiguous_format
+    x = torch.randn(2, 1, 64, 64, dtype=torch.float64)
+    target = torch.randint(0, 3, (2, 64, 64))
+
+    def step(layout, ops=None):
+        net.zero_grad(set_to_none=True)
+        net.to(memory_format=layout)
+        with ops or contextlib.nullcontext():
+            torch.nn.functional.cross_entropy(net(x.contiguous(memory_format=layout)), target).backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    first = step(torch.contiguous_format)
+    last = step(torch.channels_last, ops := _OpNames())
+    assert "native_group_norm" in ops.names and "native_group_norm_backward" not in ops.names
+    for name in first:
+        torch.testing.assert_close(last[name], first[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_channels_last_instance_norm_under_bf16_autocast_matches_group_norm():
+    """`train.precision: bf16` on the CPU: the norm gets bfloat16 activations and float32 parameters; its backward
+    (in float32) gives PyTorch's group-norm gradients to bfloat16 rounding."""
+    from usema.nets.norm import InstanceNorm
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 8, 16, 16, generator=gen).contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(2, 8, 16, 16, generator=gen)
+    grads = []
+    for norm in (torch.nn.GroupNorm(8, 8), InstanceNorm(8)):
+        with torch.no_grad():
+            norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+        xi = x.clone(memory_format=torch.preserve_format).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = norm(xi.bfloat16())
+        assert out.dtype == torch.bfloat16
+        grads.append(torch.autograd.grad((out.float() * upstream).sum(), [xi, norm.weight, norm.bias]))
+    for mine, reference in zip(grads[1], grads[0]):
+        assert float((mine - reference).abs().max() / reference.abs().max()) < 1e-2

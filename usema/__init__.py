@@ -1,3 +1,3 @@
 """usema: USEMA (UNet + SEMA blocks) medical image segmentation on MONAI."""
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"

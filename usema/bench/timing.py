@@ -8,6 +8,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from usema.run.device import training_memory_format
+
+
 def _timed(step: Callable[[], object]) -> float:
     start = time.perf_counter()
     step()
@@ -37,11 +40,19 @@ def forward_step(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 
 
 def train_step(
-    model: nn.Module, x: torch.Tensor, target: torch.Tensor, autocast_dtype: torch.dtype | None = None
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    autocast_dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format | None = None,
 ) -> Callable[[], object]:
-    """One SGD step on cross-entropy; the network is built without deep supervision (plain logits). With
-    ``autocast_dtype`` the forward runs under CPU autocast (as ``train.precision: bf16``), the loss in float32."""
-    model.train()
+    """One SGD step on cross-entropy; the network is built without deep supervision (plain logits). The network
+    and ``x`` take ``memory_format``, by default the layout ``usema train`` gives them on the CPU (channels-last
+    for 2D USEMA). With ``autocast_dtype`` the forward runs under CPU autocast (as ``train.precision: bf16``), the
+    loss in float32."""
+    layout = memory_format or training_memory_format(model, torch.device("cpu"))
+    model.train().to(memory_format=layout)
+    x = x.contiguous(memory_format=layout)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from usema.nets.norm import InstanceNorm
 from usema.nets.sema import SEMABlock
 
 __all__ = ["USEMA", "USEMAConfig", "PRESETS", "SEMA_PLACEMENTS", "fits_training"]
@@ -80,11 +81,8 @@ def _conv(spatial_dims: int) -> type[nn.Module]:
 
 
 def _norm(channels: int) -> nn.Module:
-    """Instance normalisation (affine), computed as a group norm with one group per channel: the same function
-    and the same two parameter tensors as ``nn.InstanceNorm{2,3}d(affine=True)``, but PyTorch's instance norm
-    runs as a batch norm over a reshaped copy of the input, which makes it 2-4x slower on CPU
-    (docs/benchmarks.md, "Profile")."""
-    return nn.GroupNorm(channels, channels)
+    """Affine instance normalisation (``usema.nets.norm.InstanceNorm``; docs/benchmarks.md, "Profile")."""
+    return InstanceNorm(channels)
 
 
 class ResidualConvBlock(nn.Module):
@@ -274,9 +272,17 @@ class USEMA(nn.Module):
 
         2D: channels-last, where oneDNN convolves without reordering and the SEMA blocks' token layout costs
         no copy (2 threads: usema-tiny 13-20% and usema-base 8-9% less forward time at 256² batch 4 and 1024²).
-        3D keeps PyTorch's default: channels-last was 3-4% slower at 64³ and -7% to +1% at 128³. Not for training: group
-        norm's channels-last backward is 4x slower (docs/benchmarks.md, "Inference layout")."""
+        3D keeps PyTorch's default: channels-last was 3-4% slower at 64³ and -7% to +1% at 128³
+        (docs/benchmarks.md, "Inference layout")."""
         return torch.channels_last if self.spatial_dims == 2 else torch.contiguous_format
+
+    @property
+    def training_memory_format(self) -> torch.memory_format:
+        """The layout in which training on CPU runs fastest: 2D channels-last, where ``InstanceNorm`` takes its
+        token-matrix backward (PyTorch's channels-last group-norm backward is 4x slower than channels-first);
+        usema-base's training step at 256², batch 2, then takes 4-8% less time (docs/benchmarks.md,
+        "Training layout"). 3D keeps PyTorch's default, as for inference."""
+        return self.inference_memory_format
 
     def merge_skip(self, stage: int, up: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """Decoder stage ``stage``'s input from the upsampled features and the skip, both (B, C, *S)."""

@@ -20,3 +20,10 @@ def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
     if not torch.cuda.is_available():
         raise UsemaError(f"--device {requested}: no CUDA device is available (use --device cpu)")
     return torch.device("cuda", local_rank if index is None else int(index))
+
+
+def training_memory_format(network: torch.nn.Module, device: torch.device) -> torch.memory_format:
+    """The layout ``network`` trains in on ``device``: its declared ``training_memory_format`` on CPU (2D USEMA:
+    channels-last), else PyTorch's default. Weights and input batches both take it."""
+    declared = getattr(network, "training_memory_format", None)
+    return declared if declared is not None and device.type == "cpu" else torch.contiguous_format

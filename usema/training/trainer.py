@@ -27,6 +27,7 @@ from usema.inference.precision import autocast_dtype
 from usema.training import reporting
 from usema.run.checkpoint import StoredModel, save_checkpoint
 from usema.run.compilation import compile_failures, compile_module
+from usema.run.device import training_memory_format
 from usema.run.layout import BEST, LAST, METRICS, PLOTS, TENSORBOARD, checkpoint_path
 from usema.run.spec import (
     build_network_from_spec,
@@ -138,7 +139,9 @@ class Trainer:
 
         configure_determinism(ctx.device)
         seed_everything(recipe.train.seed)
-        self.network = build_network_from_spec(self.spec, recipe.data.patch_size).to(ctx.device)
+        network = build_network_from_spec(self.spec, recipe.data.patch_size)
+        self.memory_format = training_memory_format(network, ctx.device)
+        self.network = network.to(ctx.device, memory_format=self.memory_format)
         check_patch_size(self.network, list(recipe.data.patch_size), self.spec)
         self.state = TrainState()
         if init is not None:
@@ -275,7 +278,7 @@ class Trainer:
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> float:
         """One optimiser step on ``batch`` (image (B, C, *patch), label (B, 1, *patch)); returns the loss."""
-        image = batch["image"].to(self.ctx.device, non_blocking=True)
+        image = batch["image"].to(self.ctx.device, non_blocking=True, memory_format=self.memory_format)
         label = batch["label"].to(self.ctx.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         autocast = torch.autocast(
