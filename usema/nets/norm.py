@@ -17,7 +17,7 @@ from torch import nn
 
 __all__ = ["InstanceNorm", "instance_norm_backward"]
 
-_FAST_DTYPES = (torch.float32, torch.float64)
+_PARAMETER_DTYPES = (torch.float32, torch.float64)
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -93,7 +93,7 @@ class InstanceNorm(nn.GroupNorm):
             torch.is_grad_enabled()
             and (x.requires_grad or self.weight.requires_grad)
             and x.device.type == "cpu"
-            and self.weight.dtype in _FAST_DTYPES
+            and self.weight.dtype in _PARAMETER_DTYPES
             and x.is_floating_point()
             and _is_channels_last(x)
         )
