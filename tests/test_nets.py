@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from usema.nets import SEMAAttention, SEMABlock, USEMA, build_network, sema_attention
+from usema.nets.norm import InstanceNorm, _ChannelsLastInstanceNorm
 
 
 def naive_sema(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
@@ -106,6 +107,14 @@ def test_usema_output_shapes_for_any_size(dims, size, placement):
         assert net.eval()(x).shape == (1, 5, *size)
 
 
+def _reference_instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Instance norm written out: per sample and channel, zero mean and unit biased variance, then affine."""
+    dims = tuple(range(2, x.ndim))
+    mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+    shape = (1, -1, *(1,) * len(dims))
+    return (x - mean) / torch.sqrt(var + 1e-5) * weight.view(shape) + bias.view(shape)
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_conv_blocks_normalise_each_instance_and_channel(dims):
     """USEMA's conv blocks use instance normalisation (nnU-Net's): every channel of every sample is scaled to zero
@@ -118,11 +127,7 @@ def test_conv_blocks_normalise_each_instance_and_channel(dims):
         norm.weight.uniform_(0.5, 2.0)
         norm.bias.uniform_(-1.0, 1.0)
     x = torch.randn(3, norm.weight.numel(), *(6,) * dims) * 4 + torch.arange(3.0).view(3, 1, *(1,) * dims)
-    flat = x.flatten(2)
-    mean, var = flat.mean(-1, keepdim=True), flat.var(-1, unbiased=False, keepdim=True)
-    expected = ((flat - mean) / torch.sqrt(var + 1e-5)).view_as(x)
-    expected = expected * norm.weight.view(1, -1, *(1,) * dims) + norm.bias.view(1, -1, *(1,) * dims)
-    torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(norm(x), _reference_instance_norm(x, norm.weight, norm.bias), atol=1e-5, rtol=1e-5)
     assert sorted(name for name, _ in norm.named_parameters()) == ["bias", "weight"]  # InstanceNorm's tensors
 
 
@@ -332,20 +337,10 @@ def test_usema_in_its_inference_layout_predicts_the_same_logits(dims, size, layo
     torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
 
 
-def _reference_instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Instance norm written out: per sample and channel, zero mean and unit biased variance, then affine."""
-    dims = tuple(range(2, x.ndim))
-    mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
-    shape = (1, -1, *(1,) * len(dims))
-    return (x - mean) / torch.sqrt(var + 1e-5) * weight.view(shape) + bias.view(shape)
-
-
 @pytest.mark.parametrize("shape", [(3, 5, 7, 6), (2, 4, 3, 5, 4), (1, 6, 1, 9)], ids=["2d", "3d", "one-row"])
 def test_channels_last_instance_norm_gradients_equal_the_written_out_formula(shape):
     """Training channels-last on the CPU runs the norm's own backward (not PyTorch's group norm's): its gradients
     for the input, weight and bias equal autograd's through the formula written out, in float64."""
-    from usema.nets.norm import InstanceNorm
-
     layout = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     gen = torch.Generator().manual_seed(3)
     norm = InstanceNorm(shape[1]).double()
@@ -366,8 +361,6 @@ def test_channels_last_instance_norm_gradients_equal_the_written_out_formula(sha
 
 def test_channels_last_instance_norm_passes_gradcheck():
     """The hand-written backward against finite differences, for the input, weight and bias."""
-    from usema.nets.norm import _ChannelsLastInstanceNorm
-
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 3, 4, 5, generator=gen, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     weight, bias = (torch.randn(3, generator=gen, dtype=torch.float64) for _ in range(2))
@@ -412,8 +405,6 @@ def test_usema_trains_channels_last_without_pytorchs_channels_last_group_norm_ba
 def test_channels_last_instance_norm_under_bf16_autocast_matches_group_norm():
     """`train.precision: bf16` on the CPU: the norm gets bfloat16 activations and float32 parameters; its backward
     (in float32) gives PyTorch's group-norm gradients to bfloat16 rounding."""
-    from usema.nets.norm import InstanceNorm
-
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 8, 16, 16, generator=gen).contiguous(memory_format=torch.channels_last)
     upstream = torch.randn(2, 8, 16, 16, generator=gen)
