@@ -8,26 +8,36 @@ differed): `instance_norm` (nn.InstanceNorm modules instead of the equivalent on
 usema 0.2 network), `sema_channels_first` (the 0.1 SEMA block forward: channels-first CPE, six layout switches),
 `strided_shortcut` (0.1's strided 1x1 conv instead of ResNet-D's average pool + 1x1), `concat_fusion` (0.1's
 concatenation of the skip, fused 2C->C by a 1x1 conv, instead of adding). The options are USEMA's own
-(`stem="residual"`, `decoder_block="conv"`). Run on a quiet machine (`uptime`); the load average is printed.
+(`stem="residual"`, `decoder_block="conv"`); two more rows price the SEMA blocks: without any
+(`sema_stages="none"`, the CNN alone) and with one block instead of two at the bottleneck (`sema_depth=(1, 1, 1)`).
+The process is set up as the usema commands set it up (passive OpenMP waits, the allocator settings); forwards run
+in `usema infer`'s layout and training steps in `usema train`'s (2D USEMA channels-last). Run on a quiet machine
+(`uptime`); the load average is printed.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import types
+from usema.threads import prefer_passive_waits
 
-import torch
-import torch.nn.functional as F
-from einops import rearrange
-from torch import nn
+prefer_passive_waits()  # as the usema commands: before torch loads its OpenMP runtime
 
-from usema.bench.networks import build_bench_network, make_input
-from usema.bench.settings import IN_CHANNELS, OUT_CHANNELS
-from usema.bench.timing import forward_step, interleaved_rounds, train_step
-from usema.nets import build_network
-from usema.nets.sema import SEMABlock, sema_attention
+import argparse  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import types  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from einops import rearrange  # noqa: E402
+from torch import nn  # noqa: E402
+
+from usema.allocator import retain_freed_memory  # noqa: E402
+from usema.bench.networks import build_bench_network, make_input  # noqa: E402
+from usema.bench.settings import IN_CHANNELS, OUT_CHANNELS  # noqa: E402
+from usema.bench.timing import forward_step, interleaved_rounds, train_step  # noqa: E402
+from usema.inference.model_loading import place_for_inference  # noqa: E402
+from usema.nets import build_network  # noqa: E402
+from usema.nets.sema import SEMABlock, sema_attention  # noqa: E402
 from usema.nets.usema import USEMA, ResidualConvBlock
 
 from report_output import print_and_write
@@ -90,10 +100,12 @@ def concat_fusion(net: USEMA) -> None:
 UNDO = {"sema_channels_first": sema_channels_first, "strided_shortcut": strided_shortcut,
         "concat_fusion": concat_fusion, "instance_norm": instance_norm}
 # row label -> (USEMA options, undone choices)
-VARIANTS: dict[str, tuple[dict[str, str], list[str]]] = {
+VARIANTS: dict[str, tuple[dict[str, object], list[str]]] = {
     "current": ({}, []),
     "stem=residual (option)": ({"stem": "residual"}, []),
     "decoder_block=conv (option)": ({"decoder_block": "conv"}, []),
+    "sema_depth=(1, 1, 1)": ({"sema_depth": (1, 1, 1)}, []),
+    "sema_stages=none (no SEMA block)": ({"sema_stages": "none"}, []),
     "with nn.InstanceNorm = usema 0.2": ({}, ["instance_norm"]),
     "with 0.1's channels-first SEMA block": ({}, ["sema_channels_first"]),
     "with 0.1's strided 1×1 shortcuts": ({}, ["strided_shortcut"]),
@@ -108,7 +120,7 @@ def apply_undo(net: USEMA, undo: list[str]) -> None:
             undo_one(net)
 
 
-def variant(options: dict[str, str], undo: list[str]) -> nn.Module:
+def variant(options: dict[str, object], undo: list[str]) -> nn.Module:
     torch.manual_seed(0)
     net = build_network("usema", 2, IN_CHANNELS, OUT_CHANNELS, preset="base", **options)
     apply_undo(net, undo)
@@ -123,6 +135,7 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=256)
     parser.add_argument("--output")
     args = parser.parse_args()
+    retain_freed_memory()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     x = make_input(2, args.forward_size, 1)
@@ -133,7 +146,7 @@ def main() -> None:
         build = (lambda: build_bench_network("dynunet", 2, 256)) if spec is None else (lambda v=spec: variant(*v))
         torch.manual_seed(0)
         nets[label] = build()
-        steps[(label, "forward")] = forward_step(nets[label], x)
+        steps[(label, "forward")] = forward_step(place_for_inference(nets[label], torch.device("cpu")), x)
         torch.manual_seed(0)  # a second instance: train_step leaves its network in training mode
         steps[(label, "train step")] = train_step(build(), xs, y)
     interleaved_rounds(steps, 1)  # warm-up
@@ -141,7 +154,7 @@ def main() -> None:
     med = {label: {kind: statistics.median(samples[(label, kind)]) for kind in ("forward", "train step")}
            for label in nets}
     ref, new = med["DynUNet"], med["current"]
-    lines = [f"{args.threads} threads, {args.rounds} interleaved rounds after a warm-up, load average before "
+    lines = [f"{args.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, {args.rounds} interleaved rounds after a warm-up, load average before "
              f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; forward {args.forward_size}² batch 1, train step "
              f"{args.train_size}² batch 2 (SGD)", "",
              "| network | params (M) | forward (s) | ×DynUNet | ×current | train step (s) | ×DynUNet | ×current |",
