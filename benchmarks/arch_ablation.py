@@ -31,16 +31,16 @@ import torch.nn.functional as F  # noqa: E402
 from einops import rearrange  # noqa: E402
 from torch import nn  # noqa: E402
 
-from usema.allocator import retain_freed_memory  # noqa: E402
 from usema.bench.networks import build_bench_network, make_input  # noqa: E402
 from usema.bench.settings import IN_CHANNELS, OUT_CHANNELS  # noqa: E402
 from usema.bench.timing import forward_step, interleaved_rounds, train_step  # noqa: E402
 from usema.inference.model_loading import place_for_inference  # noqa: E402
 from usema.nets import build_network  # noqa: E402
 from usema.nets.sema import SEMABlock, sema_attention  # noqa: E402
-from usema.nets.usema import USEMA, ResidualConvBlock
+from usema.nets.usema import USEMA, ResidualConvBlock  # noqa: E402
 
-from report_output import print_and_write
+from report_output import print_and_write  # noqa: E402
+from timed_run import start_timed_run  # noqa: E402
 
 
 def _sema_forward_01(self: SEMABlock, x: torch.Tensor) -> torch.Tensor:
@@ -127,17 +127,13 @@ def variant(options: dict[str, object], undo: list[str]) -> nn.Module:
     return net
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forward-size", type=int, default=512)
     parser.add_argument("--train-size", type=int, default=256)
-    parser.add_argument("--output")
-    args = parser.parse_args()
-    retain_freed_memory()
-    torch.set_num_threads(args.threads)
-    load = os.getloadavg()
+
+
+def main() -> None:
+    args, load = start_timed_run(__doc__, rounds=5, add_arguments=add_arguments)
     x = make_input(2, args.forward_size, 1)
     xs = make_input(2, args.train_size, 2)
     y = torch.randint(0, 4, (2, args.train_size, args.train_size), generator=torch.Generator().manual_seed(1))
@@ -154,9 +150,9 @@ def main() -> None:
     med = {label: {kind: statistics.median(samples[(label, kind)]) for kind in ("forward", "train step")}
            for label in nets}
     ref, new = med["DynUNet"], med["current"]
-    lines = [f"{args.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, {args.rounds} interleaved rounds after a warm-up, load average before "
-             f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; forward {args.forward_size}² batch 1, train step "
-             f"{args.train_size}² batch 2 (SGD)", "",
+    lines = [f"{args.threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, {args.rounds} "
+             f"interleaved rounds after a warm-up, load average before {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}; "
+             f"forward {args.forward_size}² batch 1, train step {args.train_size}² batch 2 (SGD)", "",
              "| network | params (M) | forward (s) | ×DynUNet | ×current | train step (s) | ×DynUNet | ×current |",
              "|---|---|---|---|---|---|---|---|"]
     for label, m in med.items():

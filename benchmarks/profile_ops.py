@@ -3,8 +3,9 @@
     python benchmarks/profile_ops.py --threads 2 --output benchmarks/results/profile.md
 
 Profiles, for each network, a training step (forward + backward + SGD) at 256² batch 2 and a forward pass at
-1024² batch 1, after one warm-up, averaged over --steps calls (default 3), and prints the operators that take the most self CPU time, grouped into
-kinds (convolution, matmul/linear, normalisation, attention, elementwise, layout copies, ...). The process is set
+1024² batch 1, after one warm-up, averaged over --steps calls (default 3), and prints the operators that take the
+most self CPU time, grouped into kinds (convolution, matmul/linear, normalisation, attention, elementwise, layout
+copies, ...); then each SEMA block of usema-base alone, at the shape it sees in the training step. The process is set
 up as the usema commands set it up (passive OpenMP waits, the allocator settings), the training step runs in
 `usema train`'s layout and the forward in `usema infer`'s (2D USEMA channels-last). Run it on a quiet machine
 (check `uptime`): the shares are what matter, but heavy foreign load skews them.
@@ -23,7 +24,6 @@ from collections import defaultdict  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from usema.allocator import retain_freed_memory  # noqa: E402
 from usema.bench.networks import build_bench_network, make_input  # noqa: E402
 from usema.bench.timing import forward_step, train_step  # noqa: E402
 from usema.inference.model_loading import place_for_inference  # noqa: E402
@@ -31,6 +31,7 @@ from usema.nets.sema import SEMABlock  # noqa: E402
 from usema.nets.usema import USEMA  # noqa: E402
 
 from report_output import print_and_write  # noqa: E402
+from timed_run import start_timed_run  # noqa: E402
 
 KINDS = {
     "convolution": ("conv", "mkldnn_convolution", "thnn_conv", "slow_conv", "convolution_backward"),
@@ -113,19 +114,16 @@ def table(rows: dict[str, list[tuple[str, float, int]]], top: int) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nets", nargs="+", default=["usema-base", "dynunet"])
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="profiled calls per case, averaged (default 3)")
-    parser.add_argument("--output", help="also write the markdown here")
-    args = parser.parse_args()
-    retain_freed_memory()
-    torch.set_num_threads(args.threads)
-    load = os.getloadavg()
-    out = [f"Profile: torch {torch.__version__}, {args.threads} threads, mean of {args.steps} profiled calls, OMP_WAIT_POLICY="
-           f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average before "
+
+
+def main() -> None:
+    args, load = start_timed_run(__doc__, add_arguments=add_arguments)
+    out = [f"Profile: torch {torch.__version__}, {args.threads} threads, mean of {args.steps} profiled calls, "
+           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average before "
            f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}", ""]
     cases = (("Training step 256², batch 2 (forward + backward + SGD)", 256, lambda n: train_case(n, 256, 2)),
              ("Forward 1024², batch 1", 1024, lambda n: forward_step(inference_placed(n), make_input(2, 1024, 1))))
@@ -135,7 +133,8 @@ def main() -> None:
             torch.manual_seed(0)
             rows[name] = profiled(make(build_bench_network(name, 2, size)), args.steps)
         out += [f"### {title}", "", *table(rows, args.top), ""]
-    out += ["### usema-base's SEMA blocks alone, 256², batch 2 (forward + backward)", "", *sema_block_rows(256, 2, args.steps), ""]
+    out += ["### usema-base's SEMA blocks alone, 256², batch 2 (forward + backward)", "",
+            *sema_block_rows(256, 2, args.steps), ""]
     print_and_write(out, args.output)
 
 
